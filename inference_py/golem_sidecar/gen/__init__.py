@@ -1,0 +1,16 @@
+"""Generated protobuf and gRPC code for golem.exam.v1 (written by `make gen`, never edited).
+
+protoc writes absolute imports (``from golem.exam.v1 import exam_pb2``), so this folder goes on
+``sys.path`` for the generated package ``golem`` to resolve; the modules are re-exported here.
+"""
+
+import os
+import sys
+
+_here = os.path.dirname(__file__)
+if _here not in sys.path:
+    sys.path.append(_here)
+
+from golem.exam.v1 import exam_pb2, exam_pb2_grpc  # noqa: E402
+
+__all__ = ["exam_pb2", "exam_pb2_grpc"]

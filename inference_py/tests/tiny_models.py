@@ -1,0 +1,103 @@
+"""Builds tiny, real, offline test models: a Llama-shaped causal LM, a byte-level BPE tokenizer
+and LoRA adapters that are not an identity (``init_lora_weights=False``).
+
+Used by the pytest fixtures and, as a command, by the jest suites:
+``python inference_py/tests/tiny_models.py OUT_DIR`` writes OUT_DIR/model, OUT_DIR/adapter and
+OUT_DIR/adapter_b, then prints their paths as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SEED_PROMPT = "Instruction: Which genre is the hobbit?\nResponse:"
+_CORPUS = [
+    SEED_PROMPT + " Fantasy",
+    "Instruction: Which genre is Dune?\nResponse: Science fiction",
+    "Instruction: Which genre is Dracula?\nResponse: Horror",
+    "The quick brown fox jumps over the lazy dog.",
+    "Books, genres, answers and questions: a tiny corpus for a tiny tokenizer.",
+]
+EOS = "</s>"
+
+
+def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few lines; it has an eos but no pad token, like
+    most causal LM tokenizers."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with random weights, saved as safetensors beside its tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_adapter(model_dir: Path, out: Path, seed: int, rank: int = 8) -> Path:
+    """A LoRA on q_proj and v_proj whose weights are random, so it changes the answers."""
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(base, config)
+    # Random B matrices of the default scale barely move a random base; scale them up so the
+    # adapted model's greedy answer really differs from the base's.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_all(root: Path) -> dict[str, str]:
+    model = build_model(root / "model")
+    adapter = build_adapter(model, root / "adapter", seed=1)
+    adapter_b = build_adapter(model, root / "adapter_b", seed=2)
+    return {"model": str(model), "adapter": str(adapter), "adapter_b": str(adapter_b)}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: tiny_models.py OUT_DIR")
+    print(json.dumps(build_all(Path(sys.argv[1]).resolve())))
