@@ -1,0 +1,73 @@
+"""Errors that travel to callers as a gRPC status with google.rpc.Status details: one ErrorInfo
+with an UPPER_SNAKE reason and, for a bad field, one BadRequest naming it."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "golem.dev"
+
+
+class GolemError(Exception):
+    """An error with the status code that tells the caller what to do about it."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        field: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.field = field
+        self.metadata = metadata or {}
+
+    def to_status(self) -> grpc.Status:
+        """The status the servicer aborts with; details ride in grpc-status-details-bin."""
+        details = [
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=self.reason, domain=DOMAIN, metadata=self.metadata
+                )
+            )
+        ]
+        if self.field is not None:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=self.field, description=self.message
+            )
+            details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+        proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return rpc_status.to_status(proto)
+
+
+def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def invalid_argument(field: str, message: str, reason: str = "INVALID_FIELD") -> GolemError:
+    """Bad input the caller must fix; never worth a retry."""
+    return GolemError(grpc.StatusCode.INVALID_ARGUMENT, reason, f"{field}: {message}", field)
+
+
+def not_found(field: str, reason: str, message: str) -> GolemError:
+    return GolemError(grpc.StatusCode.NOT_FOUND, reason, f"{field}: {message}", field)
+
+
+def failed_precondition(field: str | None, reason: str, message: str) -> GolemError:
+    """The request is well formed but this daemon or machine cannot serve it as it stands."""
+    text = f"{field}: {message}" if field else message
+    return GolemError(grpc.StatusCode.FAILED_PRECONDITION, reason, text, field)
+
+
+def caller_gone() -> GolemError:
+    """The caller cancelled or its deadline passed; nobody reads this, but the log does."""
+    return GolemError(grpc.StatusCode.CANCELLED, "CANCELLED", "the caller cancelled the call")

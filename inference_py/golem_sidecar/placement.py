@@ -1,0 +1,135 @@
+"""Where and how a base model is loaded: device, weight dtype and 4-bit quantization.
+
+A placement is part of the resident-model key, so two requests that differ only in these load
+two bases. 4-bit that cannot be honoured is refused; it never silently becomes full precision.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+
+import torch
+
+from golem_sidecar.config import QuantizationDefault, normalize_compute_dtype
+from golem_sidecar.errors import GolemError, failed_precondition, invalid_argument
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class QuantizationRequest:
+    """The request's quantization fields; None where the caller left them out."""
+
+    load_in_4bit: bool | None = None
+    compute_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved, loadable placement."""
+
+    device: str
+    dtype: str
+    load_in_4bit: bool
+    # Only meaningful with 4 bit; "" otherwise so equal placements compare equal.
+    compute_dtype: str = ""
+
+    @property
+    def device_map(self) -> str:
+        # "auto" lets accelerate spread a model over the visible GPUs, as the seed script did.
+        return "auto" if self.device == "cuda" else self.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
+
+
+def resolve_device(requested: str) -> str:
+    """ "auto" becomes cuda when a GPU is visible, else cpu; an unavailable device is refused."""
+    name = requested.strip()
+    if not _DEVICE.match(name):
+        raise invalid_argument(
+            "device", f'unknown device "{requested}"; use auto, cpu, cuda, cuda:N or mps'
+        )
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            raise failed_precondition(
+                "device",
+                "DEVICE_UNAVAILABLE",
+                f'"{name}" is not available: this machine has {count} CUDA device(s)',
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise failed_precondition("device", "DEVICE_UNAVAILABLE", '"mps" is not available here')
+    return name
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _why_4bit_impossible(device: str) -> str | None:
+    if not bitsandbytes_installed():
+        return (
+            "4-bit loading needs bitsandbytes, which is not installed "
+            "(pip install 'golem-sidecar[quant]')"
+        )
+    if device == "mps":
+        return "4-bit loading is not supported on mps"
+    # On CPU, bitsandbytes' CPU backend is tried at load time; its failure is reported then.
+    return None
+
+
+def resolve_placement(
+    device_name: str, quant: QuantizationRequest, default: QuantizationDefault
+) -> Placement:
+    """Decides device, dtype and quantization for one request."""
+    device = resolve_device(device_name)
+    compute = default.compute_dtype
+    if quant.compute_dtype is not None:
+        normalized = normalize_compute_dtype(quant.compute_dtype)
+        if normalized is None:
+            raise invalid_argument(
+                "quantization.bnb_4bit_compute_dtype",
+                f'unknown dtype "{quant.compute_dtype}"; use float16, bfloat16 or float32',
+            )
+        compute = normalized
+    if quant.load_in_4bit is not None:
+        want_4bit = quant.load_in_4bit
+    elif default.mode == "auto":
+        want_4bit = device.startswith("cuda") and bitsandbytes_installed()
+    else:
+        want_4bit = default.mode == "4bit"
+    if want_4bit:
+        why = _why_4bit_impossible(device)
+        if why is not None:
+            raise _quantization_unavailable(why, device)
+        return Placement(device=device, dtype=compute, load_in_4bit=True, compute_dtype=compute)
+    return Placement(device=device, dtype=_full_precision_dtype(device), load_in_4bit=False)
+
+
+def _quantization_unavailable(why: str, device: str) -> GolemError:
+    return failed_precondition(
+        "quantization.load_in_4bit",
+        "QUANTIZATION_UNAVAILABLE",
+        f"4-bit was asked for but cannot be done on {device}: {why}; "
+        "ask for load_in_4bit=false to load in full precision",
+    )
+
+
+def quantization_failed(device: str, exc: Exception) -> GolemError:
+    """bitsandbytes was present but loading in 4 bit failed (for example no CPU backend)."""
+    return _quantization_unavailable(f"bitsandbytes failed: {exc}", device)
+
+
+def _full_precision_dtype(device: str) -> str:
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    # CPU kernels for half precision are slow and lossy; float32 keeps answers faithful.
+    return "float32"
