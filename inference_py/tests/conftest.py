@@ -1,0 +1,64 @@
+"""Fixtures: tiny real models built offline once per session, and a real sidecar serving them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarConfig
+from golem_sidecar.gen import exam_pb2_grpc
+from golem_sidecar.server import Sidecar
+from tests.tiny_models import build_all
+
+CAP = 64
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Paths of a tiny Llama (model), and two LoRA adapters for it (adapter, adapter_b)."""
+    return build_all(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_config(
+    tiny: dict[str, str], listen: str = "127.0.0.1:0", **overrides: object
+) -> SidecarConfig:
+    defaults = Defaults(
+        model_name=tiny["model"],
+        adapter_path=tiny["adapter"],
+        max_new_tokens=8,
+        device="cpu",
+        quantization=QuantizationDefault(mode="auto"),
+    )
+    return SidecarConfig(
+        listen=listen, defaults=defaults, limits=Limits(max_new_tokens_cap=CAP), **overrides
+    )
+
+
+@pytest_asyncio.fixture(scope="session")
+async def sidecar(tiny: dict[str, str]) -> AsyncIterator[Sidecar]:
+    """A real sidecar on the tiny model, started in this process on a free loopback port."""
+    server = Sidecar(tiny_config(tiny))
+    await server.start()
+    yield server
+    await server.stop(0)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def channel(sidecar: Sidecar) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> exam_pb2_grpc.ExamServiceStub:
+    return exam_pb2_grpc.ExamServiceStub(channel)
+
+
+REPO = Path(__file__).resolve().parents[2]

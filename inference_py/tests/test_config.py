@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from golem_sidecar.config import ConfigError, load_config, parse_config
+
+REPO_CONFIGS = ["config/golem.json", "config/seed.json"]
+
+
+@pytest.mark.parametrize("name", REPO_CONFIGS)
+def test_shipped_configs_parse(name: str) -> None:
+    from tests.conftest import REPO
+
+    config = load_config(str(REPO / name), None, None)
+    assert config.defaults.max_new_tokens == 20
+    assert config.security.allow_pickle is False
+    assert config.security.trust_remote_code is False
+
+
+def test_seed_profile_restores_the_seed_defaults() -> None:
+    from tests.conftest import REPO
+
+    config = load_config(str(REPO / "config/seed.json"), None, None)
+    assert config.defaults.model_name == "distilgpt2"
+    assert config.defaults.adapter_path == "../Quest_2/results/checkpoint-250"
+    assert config.defaults.quantization.mode == "4bit"
+    assert config.defaults.quantization.compute_dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    ("raw", "names"),
+    [
+        ({"defaults": {"maxNewTokens": "20"}}, "defaults.maxNewTokens"),
+        ({"defaults": {"maxNewTokens": True}}, "defaults.maxNewTokens"),
+        ({"defaults": []}, "defaults"),
+        ({"defaults": {"quantization": "8bit"}}, "defaults.quantization"),
+        (
+            {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitComputeDtype": "int8"}}},
+            "defaults.quantization.bnb4BitComputeDtype",
+        ),
+        ({"limits": {"maxNewTokensCap": 0}}, "limits.maxNewTokensCap"),
+        ({"defaults": {"maxNewTokens": 99}, "limits": {"maxNewTokensCap": 10}}, "maxNewTokensCap"),
+        ({"security": {"allowPickle": "yes"}}, "security.allowPickle"),
+    ],
+)
+def test_bad_values_name_the_key(raw: dict[str, object], names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        parse_config(raw)
+
+
+def test_inline_json_that_is_not_json_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--config-json"):
+        load_config(None, "{not json", None)
+
+
+def test_listen_flag_wins_over_config() -> None:
+    raw = json.dumps({"sidecar": {"listen": "127.0.0.1:1"}})
+    assert load_config(None, raw, "unix:/tmp/x.sock").listen == "unix:/tmp/x.sock"
+
+
+def test_torch_prefixed_dtype_is_accepted() -> None:
+    raw = {
+        "defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitComputeDtype": "torch.bfloat16"}}
+    }
+    assert parse_config(raw).defaults.quantization.compute_dtype == "bfloat16"
