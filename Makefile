@@ -81,7 +81,7 @@ lint: setup
 	npm run --silent lint
 
 test-py: setup models
-	cd inference_py && ../$(PY) -m pytest -q
+	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q
 
 test-js: setup models
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
