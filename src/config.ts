@@ -1,0 +1,169 @@
+/**
+ * golem's configuration: one JSON file (the same shape the Python sidecar reads), then GOLEM_*
+ * environment overrides, validated with zod so that every error names the key at fault.
+ */
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+
+/** The package root: `src/config.ts` and `dist/config.js` both sit one level below it. */
+export const PACKAGE_ROOT = path.resolve(__dirname, '..');
+
+/** The embedded default, used when neither `--config` nor GOLEM_CONFIG names a file. */
+export const DEFAULT_CONFIG_PATH = path.join(PACKAGE_ROOT, 'config', 'golem.json');
+
+const nonBlank = z.string().trim().min(1, 'must not be blank');
+const positiveInt = z.number().int().positive();
+
+const quantizationSchema = z.union([
+  z.literal('auto'),
+  z.strictObject({ loadIn4Bit: z.boolean(), bnb4BitComputeDtype: nonBlank.optional() }),
+]);
+
+export const configSchema = z.strictObject({
+  listen: nonBlank,
+  logLevel: z.enum(['error', 'warn', 'info', 'debug']),
+  production: z.boolean(),
+  sidecar: z.strictObject({
+    // Empty: the gateway spawns its own sidecar; otherwise the address of one already running.
+    address: z.string(),
+    python: nonBlank,
+    startTimeoutMs: positiveInt,
+  }),
+  defaults: z.strictObject({
+    modelName: nonBlank,
+    adapterPath: nonBlank,
+    prompt: nonBlank,
+    maxNewTokens: positiveInt,
+    device: nonBlank,
+    quantization: quantizationSchema,
+  }),
+  limits: z.strictObject({
+    maxNewTokensCap: positiveInt,
+    requestTimeoutMs: positiveInt,
+  }),
+  security: z.strictObject({
+    trustRemoteCode: z.boolean(),
+    allowPickle: z.boolean(),
+  }),
+});
+
+export type GolemConfig = z.infer<typeof configSchema>;
+
+/** Thrown for an unreadable or invalid configuration; the message names the file and the key. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+type EnvKind = 'string' | 'boolean' | 'integer';
+
+/** Each environment override: the variable, the config key it sets, and how to read its text. */
+const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]> = [
+  ['GOLEM_LISTEN', ['listen'], 'string'],
+  ['GOLEM_LOG_LEVEL', ['logLevel'], 'string'],
+  ['GOLEM_PRODUCTION', ['production'], 'boolean'],
+  ['GOLEM_SIDECAR_ADDRESS', ['sidecar', 'address'], 'string'],
+  ['GOLEM_PYTHON', ['sidecar', 'python'], 'string'],
+  ['GOLEM_MODEL_NAME', ['defaults', 'modelName'], 'string'],
+  ['GOLEM_ADAPTER_PATH', ['defaults', 'adapterPath'], 'string'],
+  ['GOLEM_DEVICE', ['defaults', 'device'], 'string'],
+  ['GOLEM_MAX_NEW_TOKENS_CAP', ['limits', 'maxNewTokensCap'], 'integer'],
+  ['GOLEM_REQUEST_TIMEOUT_MS', ['limits', 'requestTimeoutMs'], 'integer'],
+];
+
+export interface LoadConfigOptions {
+  /** The `--config` flag; wins over GOLEM_CONFIG. */
+  file?: string;
+  /** The environment to read GOLEM_* from; process.env in the CLI, a plain object in tests. */
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Resolves which config file to read: `--config`, then GOLEM_CONFIG, then the embedded default. */
+export function configPath(options: LoadConfigOptions = {}): string {
+  const env = options.env ?? process.env;
+  return path.resolve(options.file ?? (env.GOLEM_CONFIG || DEFAULT_CONFIG_PATH));
+}
+
+/** Loads the config file, applies GOLEM_* overrides and validates the result. */
+export function loadConfig(options: LoadConfigOptions = {}): GolemConfig {
+  const env = options.env ?? process.env;
+  const file = configPath(options);
+  const raw = readJsonFile(file);
+  applyEnvOverrides(raw, env);
+  const parsed = configSchema.safeParse(raw);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((issue) => describeIssue(issue, env));
+    throw new ConfigError(`invalid config ${file}: ${problems.join('; ')}`);
+  }
+  return parsed.data;
+}
+
+function readJsonFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`cannot read config ${file}: ${(err as Error).message}`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new ConfigError(`config ${file} is not valid JSON: ${(err as Error).message}`);
+  }
+  if (!isRecord(value)) {
+    throw new ConfigError(`config ${file} must hold a JSON object`);
+  }
+  return value;
+}
+
+function applyEnvOverrides(raw: Record<string, unknown>, env: NodeJS.ProcessEnv): void {
+  for (const [name, keyPath, kind] of ENV_OVERRIDES) {
+    const text = env[name];
+    if (text === undefined || text === '') continue;
+    setPath(raw, keyPath, parseEnvValue(name, text, kind));
+  }
+}
+
+function parseEnvValue(name: string, text: string, kind: EnvKind): string | boolean | number {
+  if (kind === 'string') return text;
+  if (kind === 'boolean') {
+    const lowered = text.trim().toLowerCase();
+    if (['1', 'true', 'yes', 'on'].includes(lowered)) return true;
+    if (['0', 'false', 'no', 'off'].includes(lowered)) return false;
+    throw new ConfigError(`${name} must be true or false, got ${JSON.stringify(text)}`);
+  }
+  if (!/^\s*\d+\s*$/.test(text)) {
+    throw new ConfigError(`${name} must be a positive integer, got ${JSON.stringify(text)}`);
+  }
+  return Number(text);
+}
+
+function setPath(raw: Record<string, unknown>, keyPath: readonly string[], value: unknown): void {
+  let node = raw;
+  for (const key of keyPath.slice(0, -1)) {
+    const child = node[key];
+    // A missing or mistyped section is left for the schema to report by its key.
+    if (!isRecord(child)) {
+      node[key] = {};
+    }
+    node = node[key] as Record<string, unknown>;
+  }
+  node[keyPath[keyPath.length - 1]] = value;
+}
+
+function describeIssue(issue: z.core.$ZodIssue, env: NodeJS.ProcessEnv): string {
+  const key = issue.path.join('.') || '(root)';
+  if (issue.code === 'unrecognized_keys') {
+    const prefix = issue.path.length ? `${key}.` : '';
+    return `unknown key ${issue.keys.map((k) => prefix + k).join(', ')}`;
+  }
+  const envName = ENV_OVERRIDES.find(([, keyPath]) => keyPath.join('.') === key)?.[0];
+  // Say where a bad value came from when an environment variable put it there.
+  const hint = envName && env[envName] ? ` (from ${envName})` : '';
+  return `${key}: ${issue.message}${hint}`;
+}
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}

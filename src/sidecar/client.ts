@@ -1,0 +1,111 @@
+/**
+ * The gateway's view of the Python sidecar: its ExamService and its grpc.health.v1 service over
+ * one channel.
+ */
+import {
+  credentials,
+  makeClientConstructor,
+  Metadata,
+  type CallOptions,
+  type ClientReadableStream,
+  type ClientUnaryCall,
+  type ServiceError,
+} from '@grpc/grpc-js';
+import { service as healthService, type ServingStatus } from 'grpc-health-check';
+import { ExamServiceClient, type TakeExamRequest, type TakeExamResponse } from '../gen/golem/exam/v1/exam';
+
+export type { ServingStatus };
+
+/** The exam service's name, as it is registered for health checks on both processes. */
+export const EXAM_SERVICE_NAME = 'golem.exam.v1.ExamService';
+
+interface HealthCheckRequest {
+  service: string;
+}
+interface HealthCheckResponse {
+  status: ServingStatus | 'SERVICE_UNKNOWN';
+}
+// grpc-health-check ships its service as a proto-loader definition, so its client is untyped;
+// this is the slice of it we call.
+interface HealthClient {
+  Check(
+    request: HealthCheckRequest,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response?: HealthCheckResponse) => void,
+  ): ClientUnaryCall;
+  Watch(request: HealthCheckRequest, options?: Partial<CallOptions>): ClientReadableStream<HealthCheckResponse>;
+  close(): void;
+}
+const HealthClientConstructor = makeClientConstructor(healthService, 'grpc.health.v1.Health') as unknown as new (
+  address: string,
+  creds: ReturnType<typeof credentials.createInsecure>,
+  options: Record<string, unknown>,
+) => HealthClient;
+
+/** A client for one sidecar address (`unix:/path.sock` or `host:port`). */
+export class SidecarClient {
+  private readonly exam: ExamServiceClient;
+  private readonly health: HealthClient;
+
+  constructor(readonly address: string) {
+    this.exam = new ExamServiceClient(address, credentials.createInsecure());
+    this.health = new HealthClientConstructor(address, credentials.createInsecure(), {
+      channelOverride: this.exam.getChannel(),
+    });
+  }
+
+  /** Calls TakeExam; a failed call rejects with the sidecar's ServiceError, trailers included. */
+  takeExam(request: TakeExamRequest, metadata: Metadata, options: Partial<CallOptions>): Promise<TakeExamResponse> {
+    return new Promise((resolve, reject) => {
+      this.exam.takeExam(request, metadata, options, (error, response) => {
+        if (error) reject(error);
+        else resolve(response);
+      });
+    });
+  }
+
+  /** Asks the sidecar how the exam service is doing; rejects when it cannot be reached in time. */
+  checkHealth(timeoutMs: number): Promise<ServingStatus> {
+    return new Promise((resolve, reject) => {
+      const options = { deadline: Date.now() + timeoutMs };
+      this.health.Check({ service: EXAM_SERVICE_NAME }, options, (error, response) => {
+        if (error || !response) reject(error ?? new Error('empty health response'));
+        else resolve(response.status === 'SERVICE_UNKNOWN' ? 'UNKNOWN' : response.status);
+      });
+    });
+  }
+
+  /**
+   * Follows the sidecar's health: `onStatus` hears every change, and NOT_SERVING whenever the
+   * sidecar cannot be reached (the watch is re-opened after a pause). Returns a function that stops.
+   */
+  watchHealth(onStatus: (status: ServingStatus) => void, retryMs = 1000): () => void {
+    let stopped = false;
+    let stream: ClientReadableStream<HealthCheckResponse> | undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const open = (): void => {
+      stream = this.health.Watch({ service: EXAM_SERVICE_NAME });
+      stream.on('data', (response: HealthCheckResponse) => {
+        onStatus(response.status === 'SERVICE_UNKNOWN' ? 'NOT_SERVING' : response.status);
+      });
+      // A watch ends only when the sidecar goes away (or we cancel it): report and retry.
+      stream.on('error', () => undefined);
+      stream.on('close', () => {
+        if (stopped) return;
+        onStatus('NOT_SERVING');
+        timer = setTimeout(open, retryMs);
+      });
+    };
+    open();
+    return () => {
+      stopped = true;
+      clearTimeout(timer);
+      stream?.cancel();
+    };
+  }
+
+  close(): void {
+    this.health.close();
+    this.exam.close();
+  }
+}

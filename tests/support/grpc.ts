@@ -1,0 +1,110 @@
+/** Small promise wrappers over real gRPC clients, for the tests. */
+import { credentials, loadPackageDefinition, makeClientConstructor, Metadata, type CallOptions, type ServiceError } from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
+import path from 'node:path';
+import { service as healthService } from 'grpc-health-check';
+import { ExamServiceClient, type TakeExamRequest, type TakeExamResponse } from '../../src/gen/golem/exam/v1/exam';
+import { parseErrorDetails, type ErrorDetails } from '../../src/gateway/errors';
+
+export interface CallResult {
+  response?: TakeExamResponse;
+  error?: ServiceError;
+  details?: ErrorDetails;
+  headers?: Metadata;
+}
+
+/** Calls TakeExam and collects the answer or the error with its parsed details. */
+export function takeExam(
+  client: ExamServiceClient,
+  request: Partial<TakeExamRequest>,
+  metadata = new Metadata(),
+  options: Partial<CallOptions> = {},
+): Promise<CallResult> {
+  const full: TakeExamRequest = { quantization: undefined, disableAdapter: false, ...request };
+  return new Promise((resolve) => {
+    let headers: Metadata | undefined;
+    const call = client.takeExam(full, metadata, options, (error, response) => {
+      if (error) resolve({ error, details: parseErrorDetails(error.metadata), headers });
+      else resolve({ response, headers });
+    });
+    call.on('metadata', (received: Metadata) => {
+      headers = received;
+    });
+  });
+}
+
+export function examClient(address: string): ExamServiceClient {
+  return new ExamServiceClient(address, credentials.createInsecure());
+}
+
+interface ReflectionResponse {
+  list_services_response?: { service: { name: string }[] };
+  file_descriptor_response?: { file_descriptor_proto: Buffer[] };
+  error_response?: { error_message: string };
+}
+type ReflectionRequest = { list_services: string } | { file_containing_symbol: string };
+interface ReflectionStream {
+  write(request: ReflectionRequest): void;
+  end(): void;
+  on(event: 'data', listener: (response: ReflectionResponse) => void): void;
+  on(event: 'error', listener: (error: Error) => void): void;
+}
+type ReflectionClient = { ServerReflectionInfo(): ReflectionStream; close(): void };
+
+/** Lists the services a server's reflection reports, as grpcurl's `list` does. */
+export async function listServices(address: string): Promise<string[]> {
+  const response = await reflect(address, { list_services: '' });
+  return response.list_services_response?.service.map((s) => s.name) ?? [];
+}
+
+/** The descriptor files reflection gives for a symbol, as grpcurl's `describe` asks. */
+export async function describeSymbol(address: string, symbol: string): Promise<Buffer[]> {
+  const response = await reflect(address, { file_containing_symbol: symbol });
+  if (response.error_response) throw new Error(response.error_response.error_message);
+  return response.file_descriptor_response?.file_descriptor_proto ?? [];
+}
+
+function reflect(address: string, request: ReflectionRequest): Promise<ReflectionResponse> {
+  const protoFile = path.join(
+    path.dirname(require.resolve('@grpc/reflection/package.json')),
+    'build/proto/grpc/reflection/v1/reflection.proto',
+  );
+  const loaded = loadPackageDefinition(loadSync(protoFile, { keepCase: true })) as unknown as {
+    grpc: { reflection: { v1: { ServerReflection: new (a: string, c: unknown) => ReflectionClient } } };
+  };
+  const client = new loaded.grpc.reflection.v1.ServerReflection(address, credentials.createInsecure());
+  return new Promise((resolve, reject) => {
+    const stream = client.ServerReflectionInfo();
+    stream.on('data', (response) => {
+      resolve(response);
+      stream.end();
+      client.close();
+    });
+    stream.on('error', reject);
+    stream.write(request);
+  });
+}
+
+type HealthClient = {
+  Check(
+    request: { service: string },
+    callback: (error: ServiceError | null, response?: { status: string }) => void,
+  ): void;
+  close(): void;
+};
+
+/** Asks a server's grpc.health.v1 Check about one service name. */
+export function healthStatus(address: string, service: string): Promise<string> {
+  const Client = makeClientConstructor(healthService, 'grpc.health.v1.Health') as unknown as new (
+    a: string,
+    c: unknown,
+  ) => HealthClient;
+  const client = new Client(address, credentials.createInsecure());
+  return new Promise((resolve, reject) => {
+    client.Check({ service }, (error, response) => {
+      client.close();
+      if (error) reject(error);
+      else resolve(response?.status ?? '');
+    });
+  });
+}

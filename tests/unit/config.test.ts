@@ -1,0 +1,106 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { ConfigError, DEFAULT_CONFIG_PATH, configPath, loadConfig, PACKAGE_ROOT } from '../../src/config';
+
+describe('loadConfig', () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = mkdtempSync(path.join(os.tmpdir(), 'golem-config-test-'));
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  // Loosely typed on purpose: the tests write configs the schema must refuse.
+  type RawConfig = Record<string, Record<string, unknown>>;
+  function writeConfig(name: string, edit: (raw: RawConfig) => void): string {
+    const raw = JSON.parse(readFileSync(DEFAULT_CONFIG_PATH, 'utf8')) as RawConfig;
+    edit(raw);
+    const file = path.join(dir, name);
+    writeFileSync(file, JSON.stringify(raw));
+    return file;
+  }
+
+  it('reads the embedded default when no file is named', () => {
+    const config = loadConfig({ env: {} });
+    expect(config.listen).toBe('127.0.0.1:50051');
+    expect(config.limits).toEqual({ maxNewTokensCap: 512, requestTimeoutMs: 300000 });
+    expect(config.defaults.quantization).toBe('auto');
+  });
+
+  it('reads the seed profile with its 4-bit quantization object', () => {
+    const config = loadConfig({ file: path.join(PACKAGE_ROOT, 'config', 'seed.json'), env: {} });
+    expect(config.defaults.quantization).toEqual({ loadIn4Bit: true, bnb4BitComputeDtype: 'float16' });
+  });
+
+  it('takes --config over GOLEM_CONFIG over the default', () => {
+    const a = writeConfig('a.json', () => undefined);
+    const b = writeConfig('b.json', () => undefined);
+    expect(configPath({ env: {} })).toBe(DEFAULT_CONFIG_PATH);
+    expect(configPath({ env: { GOLEM_CONFIG: a } })).toBe(a);
+    expect(configPath({ file: b, env: { GOLEM_CONFIG: a } })).toBe(b);
+  });
+
+  it('applies every GOLEM_* override, typed', () => {
+    const config = loadConfig({
+      env: {
+        GOLEM_LISTEN: '0.0.0.0:6000',
+        GOLEM_LOG_LEVEL: 'debug',
+        GOLEM_PRODUCTION: 'true',
+        GOLEM_SIDECAR_ADDRESS: 'unix:/run/golem.sock',
+        GOLEM_PYTHON: '/usr/bin/python3',
+        GOLEM_MODEL_NAME: 'distilgpt2',
+        GOLEM_ADAPTER_PATH: 'results/checkpoint-250',
+        GOLEM_DEVICE: 'cpu',
+        GOLEM_MAX_NEW_TOKENS_CAP: '64',
+        GOLEM_REQUEST_TIMEOUT_MS: '1000',
+      },
+    });
+    expect(config).toMatchObject({
+      listen: '0.0.0.0:6000',
+      logLevel: 'debug',
+      production: true,
+      sidecar: { address: 'unix:/run/golem.sock', python: '/usr/bin/python3' },
+      defaults: { modelName: 'distilgpt2', adapterPath: 'results/checkpoint-250', device: 'cpu' },
+      limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000 },
+    });
+  });
+
+  it('names the variable when an override is not a number', () => {
+    expect(() => loadConfig({ env: { GOLEM_MAX_NEW_TOKENS_CAP: 'lots' } })).toThrow(
+      /GOLEM_MAX_NEW_TOKENS_CAP must be a positive integer/,
+    );
+  });
+
+  it('names the variable when an override fails the schema', () => {
+    expect(() => loadConfig({ env: { GOLEM_LOG_LEVEL: 'loud' } })).toThrow(/logLevel: .*\(from GOLEM_LOG_LEVEL\)/);
+  });
+
+  it('names the key of a bad value in the file', () => {
+    const file = writeConfig('bad-cap.json', (raw) => {
+      raw.limits.maxNewTokensCap = -1;
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(ConfigError);
+    expect(() => loadConfig({ file, env: {} })).toThrow(/limits\.maxNewTokensCap/);
+  });
+
+  it('names unknown keys', () => {
+    const file = writeConfig('unknown.json', (raw) => {
+      raw.sidecar.pyhton = 'x';
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/unknown key sidecar\.pyhton/);
+  });
+
+  it('names a missing key', () => {
+    const file = writeConfig('missing.json', (raw) => {
+      delete raw.defaults.prompt;
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/defaults\.prompt/);
+  });
+
+  it('says which file could not be read or parsed', () => {
+    expect(() => loadConfig({ file: path.join(dir, 'nope.json'), env: {} })).toThrow(/cannot read config .*nope\.json/);
+    const broken = path.join(dir, 'broken.json');
+    writeFileSync(broken, '{"listen": ');
+    expect(() => loadConfig({ file: broken, env: {} })).toThrow(/broken\.json is not valid JSON/);
+  });
+});
