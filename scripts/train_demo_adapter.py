@@ -21,15 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from golem_sidecar.config import Security
+from golem_sidecar.loading import load_model, load_tokenizer
+from golem_sidecar.placement import Placement
 
 IGNORE_INDEX = -100
 CHECKPOINT_NAME = "checkpoint-final"
@@ -68,20 +66,11 @@ def prompt_for(instruction: str) -> str:
 
 
 def load_base(model_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a GGUF base (dequantized to float32) and its tokenizer, with eos and pad set."""
-    tokenizer = AutoTokenizer.from_pretrained(model_file.parent, gguf_file=model_file.name)
-    if tokenizer.eos_token is None:
-        field = gguf.GGUFReader(model_file).get_field("tokenizer.ggml.eos_token_id")
-        if field is None:
-            raise SystemExit(
-                f"{model_file}: the tokenizer has no eos token and the GGUF names none"
-            )
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(field.contents()))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_file.parent, gguf_file=model_file.name, dtype=torch.float32
-    )
+    """The GGUF base (dequantized to float32) and its tokenizer, loaded exactly as the sidecar
+    loads them, eos and pad included."""
+    security = Security()
+    tokenizer = load_tokenizer(str(model_file), security)
+    model = load_model(str(model_file), Placement("cpu", "float32", load_in_4bit=False), security)
     return model, tokenizer
 
 
