@@ -88,7 +88,8 @@ describe('gateway with a real sidecar', () => {
   });
 
   // adapter_b runs greedily to 200 tokens on the tiny model: seconds of work on this CPU.
-  const slowRequest = () => ({ maxNewTokens: 200, adapterPath: models.adapter_b });
+  // About 0.6 s of generation on an idle 2-core machine: well past the 300 ms deadlines below.
+  const slowRequest = () => ({ maxNewTokens: 500, adapterPath: models.adapter_b });
 
   it('passes the caller deadline on, and the sidecar drops the abandoned work', async () => {
     const started = Date.now();

@@ -146,7 +146,7 @@ async def test_hub_id_unreachable_offline_is_not_found(stub: Stub) -> None:
 
 async def test_prompt_longer_than_the_context_is_refused(stub: Stub) -> None:
     err, reason, fields = await _error(
-        stub.TakeExam(exam_pb2.TakeExamRequest(prompt="genre " * 400, max_new_tokens=2))
+        stub.TakeExam(exam_pb2.TakeExamRequest(prompt="genre " * 2100, max_new_tokens=2))
     )
     assert (err.code(), reason, fields) == (
         grpc.StatusCode.INVALID_ARGUMENT,
