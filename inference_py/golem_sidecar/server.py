@@ -12,7 +12,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from golem_sidecar.config import SidecarConfig
+from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
 from golem_sidecar.engine import ExamEngine, ExamResult
 from golem_sidecar.errors import GolemError
 from golem_sidecar.exam import resolve_exam
@@ -20,8 +20,11 @@ from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.generation import FINISH_EOS
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.logs import REQUEST_ID
+from golem_sidecar.shutdown import CallGate
 
 log = logging.getLogger(__name__)
+# After the last call has answered, how long the transport gets to deliver those answers.
+_FLUSH_S = 1.0
 SERVICE_NAME = exam_pb2.DESCRIPTOR.services_by_name["ExamService"].full_name
 _GRADE_RULES = {
     EXACT_MATCH: exam_pb2.GRADE_RULE_EXACT_MATCH,
@@ -30,9 +33,10 @@ _GRADE_RULES = {
 
 
 class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
-    def __init__(self, config: SidecarConfig, engine: ExamEngine) -> None:
+    def __init__(self, config: SidecarConfig, engine: ExamEngine, gate: CallGate) -> None:
         self._config = config
         self._engine = engine
+        self._gate = gate
 
     async def TakeExam(
         self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
@@ -49,9 +53,10 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
     ) -> exam_pb2.TakeExamResponse | GolemError:
         cancelled = threading.Event()
         try:
-            spec = resolve_exam(request, self._config)
-            self._debug_text("exam received", prompt=spec.prompt)
-            result = await self._engine.take_exam(spec, cancelled)
+            with self._gate.admit():
+                spec = resolve_exam(request, self._config)
+                self._debug_text("exam received", prompt=spec.prompt)
+                result = await self._gate.until_expiry(self._engine.take_exam(spec, cancelled))
         except GolemError as err:
             log.warning(
                 "exam refused",
@@ -155,12 +160,21 @@ class Sidecar:
     """A running sidecar: the server, its health and its engine."""
 
     def __init__(self, config: SidecarConfig) -> None:
+        config = confined_beyond_loopback(config)
         self.config = config
         self.engine = ExamEngine(config)
+        self.gate = CallGate()
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        size = config.limits.max_message_bytes
+        # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before parsing any of it.
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ]
+        )
         exam_pb2_grpc.add_ExamServiceServicer_to_server(
-            ExamServicer(config, self.engine), self.server
+            ExamServicer(config, self.engine, self.gate), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -183,6 +197,11 @@ class Sidecar:
         log.info("sidecar serving", extra={"model": self.config.defaults.model_name})
 
     async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING first, so balancers look elsewhere; then new calls are refused and
+        those in flight get ``grace`` seconds before they end with SHUTTING_DOWN."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        cut_short = await self.gate.close(grace)
+        if cut_short:
+            log.warning("calls ended by shutdown", extra={"calls": cut_short, "grace_s": grace})
+        await self.server.stop(_FLUSH_S)
         self.engine.close()
