@@ -14,6 +14,9 @@ export const DEFAULT_CONFIG_PATH = path.join(PACKAGE_ROOT, 'config', 'golem.json
 
 const nonBlank = z.string().trim().min(1, 'must not be blank');
 const positiveInt = z.number().int().positive();
+const nonNegativeInt = z.number().int().nonnegative();
+// Folders the sidecar may load from; empty means anywhere (but see the gateway's roots rule).
+const roots = z.array(nonBlank).default([]);
 
 const quantizationSchema = z.union([
   z.literal('auto'),
@@ -29,6 +32,12 @@ export const configSchema = z.strictObject({
     address: z.string(),
     python: nonBlank,
     startTimeoutMs: positiveInt,
+    // Keys added after the first release default, so older config files still load.
+    // Consecutive failed starts after a crash before the gateway gives up on its sidecar.
+    maxRestarts: nonNegativeInt.default(5),
+    // The wait before a restart doubles with each crash in a row, from this up to the max.
+    restartBackoffMs: positiveInt.default(500),
+    restartBackoffMaxMs: positiveInt.default(10000),
   }),
   defaults: z.strictObject({
     modelName: nonBlank,
@@ -41,11 +50,37 @@ export const configSchema = z.strictObject({
   limits: z.strictObject({
     maxNewTokensCap: positiveInt,
     requestTimeoutMs: positiveInt,
+    // How long calls in flight may run on after SIGTERM/SIGINT before they are cut off.
+    shutdownGraceMs: positiveInt.default(10000),
+    // gRPC message size cap, both ways, on the gateway and on its sidecar channel.
+    maxMessageBytes: positiveInt.default(1048576),
+    // The largest JSON argument `golem exam` accepts.
+    maxInputBytes: positiveInt.default(65536),
   }),
-  security: z.strictObject({
-    trustRemoteCode: z.boolean(),
-    allowPickle: z.boolean(),
-  }),
+  security: z
+    .strictObject({
+      trustRemoteCode: z.boolean(),
+      allowPickle: z.boolean(),
+      // The environment variable holding the bearer token; unset or empty there: no auth.
+      authTokenEnv: nonBlank.default('GOLEM_AUTH_TOKEN'),
+      // PEM files for TLS on the gateway port; both empty: plaintext.
+      tlsCertFile: z.string().default(''),
+      tlsKeyFile: z.string().default(''),
+      adapterRoots: roots,
+      modelRoots: roots,
+    })
+    .superRefine((security, ctx) => {
+      // One without the other is a half-configured TLS: refuse it rather than serve plaintext.
+      if (Boolean(security.tlsCertFile) !== Boolean(security.tlsKeyFile)) {
+        const missing = security.tlsCertFile ? 'tlsKeyFile' : 'tlsCertFile';
+        const given = security.tlsCertFile ? 'tlsCertFile' : 'tlsKeyFile';
+        ctx.addIssue({
+          code: 'custom',
+          path: [missing],
+          message: `must be set together with security.${given} (TLS needs both)`,
+        });
+      }
+    }),
 });
 
 export type GolemConfig = z.infer<typeof configSchema>;
@@ -69,6 +104,9 @@ const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]
   ['GOLEM_DEVICE', ['defaults', 'device'], 'string'],
   ['GOLEM_MAX_NEW_TOKENS_CAP', ['limits', 'maxNewTokensCap'], 'integer'],
   ['GOLEM_REQUEST_TIMEOUT_MS', ['limits', 'requestTimeoutMs'], 'integer'],
+  ['GOLEM_SHUTDOWN_GRACE_MS', ['limits', 'shutdownGraceMs'], 'integer'],
+  ['GOLEM_TLS_CERT_FILE', ['security', 'tlsCertFile'], 'string'],
+  ['GOLEM_TLS_KEY_FILE', ['security', 'tlsKeyFile'], 'string'],
 ];
 
 export interface LoadConfigOptions {

@@ -4,22 +4,26 @@
  * the one call and stopped after it.
  */
 import { randomUUID } from 'node:crypto';
-import { connectivityState, credentials, Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
-import { loadConfig } from '../config';
+import { readFileSync } from 'node:fs';
+import { credentials, Metadata, status as GrpcStatus, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
+import { ConfigError, loadConfig, type GolemConfig } from '../config';
+import { AUTHORIZATION_KEY } from '../gateway/auth';
 import { parseErrorDetails, type FieldViolation } from '../gateway/errors';
 import { REQUEST_ID_KEY, startGateway, type Gateway } from '../gateway/server';
 import { ExamServiceClient, TakeExamRequest, TakeExamResponse } from '../gen/golem/exam/v1/exam';
 import { createLogger } from '../log';
 import { ExitCode, exitCodeForStatus } from './exit-codes';
 import { parseExamInput } from './input';
+import { isListening } from './probe';
 
 export const DEFAULT_ADDRESS = '127.0.0.1:50051';
-const PROBE_TIMEOUT_MS = 3000;
 
 export interface ExamOptions {
   input: string;
   address?: string;
   configFile?: string;
+  /** PEM file of the CA (or self-signed certificate) to trust: talk TLS to the daemon. */
+  tlsCa?: string;
 }
 
 /** The one line `golem exam` prints on stdout. */
@@ -40,45 +44,75 @@ export async function runExam(options: ExamOptions): Promise<ExitCode> {
 }
 
 async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
+  let config: GolemConfig;
+  try {
+    config = loadConfig({ file: options.configFile });
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
+  }
+  const tooLarge = checkInputSize(options.input, config.limits.maxInputBytes);
+  if (tooLarge) return tooLarge;
   const parsed = parseExamInput(options.input);
   if (!parsed.ok) {
     const what = parsed.violations.map((v) => `${v.field}: ${v.description}`).join('; ');
     return failure(ExitCode.INVALID_INPUT, `invalid input: ${what}`, 'INVALID_ARGUMENT', 'INVALID_INPUT', parsed.violations);
   }
-  const address = options.address ?? (process.env.GOLEM_ADDRESS || DEFAULT_ADDRESS);
-  let client = new ExamServiceClient(address, credentials.createInsecure());
-  let gateway: Gateway | undefined;
+  const tlsCa = options.tlsCa ?? (process.env.GOLEM_TLS_CA || undefined);
+  let channelCredentials: ChannelCredentials;
   try {
-    if (!(await isListening(client))) {
-      client.close();
-      process.stderr.write(`golem: no daemon at ${address}; starting one for this call\n`);
-      const started = await startOwnGateway(options.configFile);
-      if ('exitCode' in started) return started;
-      gateway = started;
-      client = new ExamServiceClient(gateway.address, credentials.createInsecure());
-    }
-    return await call(client, parsed.request);
+    channelCredentials = tlsCa ? credentials.createSsl(readFileSync(tlsCa)) : credentials.createInsecure();
+  } catch (err) {
+    const message = `cannot read the TLS CA ${tlsCa} (--tls-ca or GOLEM_TLS_CA): ${(err as Error).message}`;
+    return failure(ExitCode.INVALID_INPUT, message, 'INVALID_ARGUMENT', 'INVALID_COMMAND_LINE');
+  }
+  const token = process.env[config.security.authTokenEnv] || undefined;
+  const address = options.address ?? (process.env.GOLEM_ADDRESS || DEFAULT_ADDRESS);
+  let gateway: Gateway | undefined;
+  let client: ExamServiceClient;
+  if (await isListening(address)) {
+    client = new ExamServiceClient(address, channelCredentials);
+  } else {
+    process.stderr.write(`golem: no daemon at ${address}; starting one for this call\n`);
+    const started = await startOwnGateway(config);
+    if ('exitCode' in started) return started;
+    gateway = started;
+    client = new ExamServiceClient(gateway.address, credentials.createInsecure());
+  }
+  try {
+    return await call(client, parsed.request, token);
   } finally {
     client.close();
     await gateway?.close();
   }
 }
 
-async function startOwnGateway(configFile: string | undefined): Promise<Gateway | ExamOutcome> {
+// Counted in bytes, as the limit is: a shell argument is bytes, whatever the characters.
+function checkInputSize(input: string, maxBytes: number): ExamOutcome | undefined {
+  const size = Buffer.byteLength(input, 'utf8');
+  if (size <= maxBytes) return undefined;
+  const description = `is ${size} bytes, over the limit of ${maxBytes} bytes (limits.maxInputBytes)`;
+  return failure(ExitCode.INVALID_INPUT, `invalid input: input ${description}`, 'INVALID_ARGUMENT', 'INPUT_TOO_LARGE', [
+    { field: 'input', description },
+  ]);
+}
+
+async function startOwnGateway(config: GolemConfig): Promise<Gateway | ExamOutcome> {
   try {
-    const config = loadConfig({ file: configFile });
-    // Any free port: the one-shot gateway must not collide with whatever the address was.
-    return await startGateway(config, { listen: '127.0.0.1:0', logger: createLogger(config.logLevel) });
+    // Any free loopback port, private to this call: plaintext, whatever the daemon's TLS setting.
+    const security = { ...config.security, tlsCertFile: '', tlsKeyFile: '' };
+    return await startGateway({ ...config, security }, { listen: '127.0.0.1:0', logger: createLogger(config.logLevel) });
   } catch (err) {
     const message = `no daemon is running and none could be started: ${(err as Error).message}`;
     return failure(ExitCode.UNAVAILABLE, message, 'UNAVAILABLE', 'DAEMON_UNAVAILABLE');
   }
 }
 
-function call(client: ExamServiceClient, request: TakeExamRequest): Promise<ExamOutcome> {
+function call(client: ExamServiceClient, request: TakeExamRequest, token: string | undefined): Promise<ExamOutcome> {
   const requestId = randomUUID();
   const metadata = new Metadata();
   metadata.set(REQUEST_ID_KEY, requestId);
+  if (token) metadata.set(AUTHORIZATION_KEY, `Bearer ${token}`);
   return new Promise((resolve) => {
     client.takeExam(request, metadata, (error: ServiceError | null, response: TakeExamResponse) => {
       resolve(error ? fromError(error, requestId) : fromResponse(response));
@@ -105,23 +139,4 @@ function failure(
   fieldViolations: FieldViolation[] = [],
 ): ExamOutcome {
   return { status: 'failure', exitCode, message, detail: { code, reason, fieldViolations } };
-}
-
-/**
- * Whether a gRPC server answers at the client's address: connect and see whether the channel
- * gets READY or fails (a refused connection fails at once).
- */
-async function isListening(client: ExamServiceClient): Promise<boolean> {
-  const channel = client.getChannel();
-  const deadline = Date.now() + PROBE_TIMEOUT_MS;
-  let state = channel.getConnectivityState(true);
-  while (state !== connectivityState.READY) {
-    if (state === connectivityState.TRANSIENT_FAILURE || state === connectivityState.SHUTDOWN) return false;
-    const changed = await new Promise<boolean>((resolve) => {
-      channel.watchConnectivityState(state, deadline, (err) => resolve(!err));
-    });
-    if (!changed) return false;
-    state = channel.getConnectivityState(true);
-  }
-  return true;
 }

@@ -10,7 +10,9 @@
  * | 4    | FAILED_PRECONDITION: e.g. 4-bit asked for where it is impossible     |
  * | 5    | UNAVAILABLE: no daemon and none could be started, or sidecar down    |
  * | 6    | DEADLINE_EXCEEDED                                                    |
- * | 7    | RESOURCE_EXHAUSTED: e.g. out of memory; back off                     |
+ * | 7    | RESOURCE_EXHAUSTED: e.g. out of memory, message too large; back off  |
+ * | 8    | PERMISSION_DENIED: e.g. a path outside security.adapterRoots         |
+ * | 9    | UNAUTHENTICATED: missing or wrong bearer token                       |
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 
@@ -23,6 +25,8 @@ export const ExitCode = {
   UNAVAILABLE: 5,
   DEADLINE_EXCEEDED: 6,
   RESOURCE_EXHAUSTED: 7,
+  PERMISSION_DENIED: 8,
+  UNAUTHENTICATED: 9,
 } as const;
 
 export type ExitCode = (typeof ExitCode)[keyof typeof ExitCode];
@@ -35,6 +39,8 @@ const BY_STATUS: ReadonlyMap<GrpcStatus, ExitCode> = new Map([
   [GrpcStatus.UNAVAILABLE, ExitCode.UNAVAILABLE],
   [GrpcStatus.DEADLINE_EXCEEDED, ExitCode.DEADLINE_EXCEEDED],
   [GrpcStatus.RESOURCE_EXHAUSTED, ExitCode.RESOURCE_EXHAUSTED],
+  [GrpcStatus.PERMISSION_DENIED, ExitCode.PERMISSION_DENIED],
+  [GrpcStatus.UNAUTHENTICATED, ExitCode.UNAUTHENTICATED],
 ]);
 
 /** The exit code for a gRPC status code. */

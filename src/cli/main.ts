@@ -11,10 +11,13 @@ import { runServe } from './serve';
 
 const USAGE = `usage:
   golem serve [--config FILE]
-  golem exam '<json>' [--address HOST:PORT] [--config FILE]
+  golem exam '<json>' [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
 
+exam sends the token in $GOLEM_AUTH_TOKEN (or security.authTokenEnv) when set, and talks TLS
+  when --tls-ca or $GOLEM_TLS_CA names the CA (or self-signed certificate) to trust.
 exam exit codes: 0 success, 1 other failure, 2 invalid input, 3 not found,
-  4 failed precondition, 5 unavailable, 6 deadline exceeded, 7 resource exhausted`;
+  4 failed precondition, 5 unavailable, 6 deadline exceeded, 7 resource exhausted,
+  8 permission denied, 9 unauthenticated`;
 
 /** Runs the command line (without `node` and the script) and returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -67,7 +70,7 @@ async function exam(args: string[]): Promise<number> {
   try {
     parsed = parseArgs({
       args,
-      options: { address: { type: 'string' }, config: { type: 'string' } },
+      options: { address: { type: 'string' }, config: { type: 'string' }, 'tls-ca': { type: 'string' } },
       allowPositionals: true,
       strict: true,
     });
@@ -77,7 +80,12 @@ async function exam(args: string[]): Promise<number> {
   if (parsed.positionals.length !== 1) {
     return usageError(`exam takes one JSON argument, got ${parsed.positionals.length}`);
   }
-  return runExam({ input: parsed.positionals[0], address: parsed.values.address, configFile: parsed.values.config });
+  return runExam({
+    input: parsed.positionals[0],
+    address: parsed.values.address,
+    configFile: parsed.values.config,
+    tlsCa: parsed.values['tls-ca'],
+  });
 }
 
 // Even a bad command line gets exam's one JSON line, so scripts always have something to parse.

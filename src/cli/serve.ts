@@ -1,31 +1,45 @@
 /**
- * `golem serve`: the gateway and its sidecar until SIGINT or SIGTERM, then a clean stop.
+ * `golem serve`: the gateway and its sidecar until SIGINT or SIGTERM, then a graceful stop:
+ * health NOT_SERVING, no new calls, calls in flight finish within `limits.shutdownGraceMs`.
  */
 import { loadConfig } from '../config';
 import { startGateway } from '../gateway/server';
 import { createLogger } from '../log';
+import { ExitCode } from './exit-codes';
 
-/** Serves until a signal (exit 0) or until the sidecar dies under us (exit 1). */
+/** Serves until a signal (exit 0) or until the sidecar cannot be kept alive (exit 5). */
 export async function runServe(configFile: string | undefined): Promise<number> {
   const config = loadConfig({ file: configFile });
   const logger = createLogger(config.logLevel);
-  let sidecarDied: (code: number) => void = () => undefined;
-  const stopped = new Promise<number>((resolve) => {
-    sidecarDied = resolve;
-    for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-      process.once(signal, () => {
-        logger.info('shutting down', { signal });
-        resolve(0);
-      });
-    }
+  let finish: (code: number) => void = () => undefined;
+  const finished = new Promise<number>((resolve) => {
+    finish = resolve;
   });
+  let signals = 0;
+  const onSignal = (signal: NodeJS.Signals): void => {
+    signals += 1;
+    if (signals === 1) {
+      logger.info('shutting down', { signal });
+      finish(ExitCode.SUCCESS);
+      return;
+    }
+    // A second signal means "now": exit, and the exit handler SIGKILLs the sidecar.
+    logger.warn('second signal: stopping without waiting', { signal });
+    process.exit(ExitCode.FAILURE);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const onSidecarFailed = (reason: string): void => {
+    process.stderr.write(`golem: error: ${reason}\n`);
+    finish(ExitCode.UNAVAILABLE);
+  };
   const gateway = await Promise.race([
-    startGateway(config, { logger, onSidecarExit: () => sidecarDied(1) }),
+    startGateway(config, { logger, onSidecarFailed }),
     // A signal while the model loads: exit now; the sidecar is killed as this process exits.
-    stopped.then(() => undefined),
+    finished.then(() => undefined),
   ]);
-  if (!gateway) return 0;
-  const code = await stopped;
+  if (!gateway) return ExitCode.SUCCESS;
+  const code = await finished;
   await gateway.close();
   return code;
 }

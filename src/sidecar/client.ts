@@ -7,6 +7,7 @@ import {
   makeClientConstructor,
   Metadata,
   type CallOptions,
+  type ChannelOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
   type ServiceError,
@@ -42,25 +43,51 @@ const HealthClientConstructor = makeClientConstructor(healthService, 'grpc.healt
   options: Record<string, unknown>,
 ) => HealthClient;
 
+/** grpc-js channel options capping message sizes both ways; the server takes the same keys. */
+export function messageSizeOptions(maxMessageBytes: number): ChannelOptions {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+  };
+}
+
 /** A client for one sidecar address (`unix:/path.sock` or `host:port`). */
 export class SidecarClient {
   private readonly exam: ExamServiceClient;
   private readonly health: HealthClient;
 
-  constructor(readonly address: string) {
-    this.exam = new ExamServiceClient(address, credentials.createInsecure());
+  constructor(
+    readonly address: string,
+    options: ChannelOptions = {},
+  ) {
+    this.exam = new ExamServiceClient(address, credentials.createInsecure(), options);
     this.health = new HealthClientConstructor(address, credentials.createInsecure(), {
       channelOverride: this.exam.getChannel(),
     });
   }
 
-  /** Calls TakeExam; a failed call rejects with the sidecar's ServiceError, trailers included. */
-  takeExam(request: TakeExamRequest, metadata: Metadata, options: Partial<CallOptions>): Promise<TakeExamResponse> {
+  /**
+   * Calls TakeExam; a failed call rejects with the sidecar's ServiceError, trailers included.
+   * Aborting `signal` cancels the call and rejects with the signal's reason.
+   */
+  takeExam(
+    request: TakeExamRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    signal?: AbortSignal,
+  ): Promise<TakeExamResponse> {
     return new Promise((resolve, reject) => {
-      this.exam.takeExam(request, metadata, options, (error, response) => {
+      if (signal?.aborted) return reject(signal.reason as Error);
+      const onAbort = (): void => {
+        reject(signal?.reason as Error);
+        call.cancel();
+      };
+      const call = this.exam.takeExam(request, metadata, options, (error, response) => {
+        signal?.removeEventListener('abort', onAbort);
         if (error) reject(error);
         else resolve(response);
       });
+      signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
 

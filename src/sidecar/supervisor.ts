@@ -1,158 +1,155 @@
 /**
- * Starts the Python sidecar as a child process on a Unix socket in a private temp dir, waits for
- * its health to say SERVING, and stops it (SIGTERM, then SIGKILL after a grace period).
+ * Keeps the gateway's own sidecar alive: starts it, notices when it dies (crash, SIGKILL, OOM),
+ * restarts it with exponential backoff, and gives up after `sidecar.maxRestarts` failed starts in
+ * a row, saying why. Every incarnation listens on the same Unix socket in a private temp dir.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { PACKAGE_ROOT, type GolemConfig } from '../config';
+import type { GolemConfig } from '../config';
 import type { Logger } from '../log';
-import { SidecarClient } from './client';
+import { describeExit, SidecarProcess, SidecarStartError, type ExitInfo } from './process';
 
-/** Thrown when the sidecar exits, cannot be spawned, or is not ready in time. */
-export class SidecarStartError extends Error {
-  override name = 'SidecarStartError';
+export { resolvePython, SidecarStartError, type ExitInfo } from './process';
+
+/** How long a stopping sidecar gets between SIGTERM and SIGKILL. */
+export const SIDECAR_STOP_GRACE_MS = 5000;
+
+/** What the gateway hears from its supervisor. */
+export interface SupervisorEvents {
+  /** A sidecar that was serving has died; calls to it are lost, a restart follows. */
+  onDown(info: ExitInfo): void;
+  /** A restarted sidecar is SERVING again at `address` (not called for the first start). */
+  onServing(address: string): void;
+  /** Restarting failed `sidecar.maxRestarts` times in a row; nothing more will be tried. */
+  onGaveUp(reason: string): void;
 }
 
-const POLL_INTERVAL_MS = 300;
-const STDERR_TAIL_CHARS = 4000;
-
-export interface ExitInfo {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-}
+export type SupervisorState = 'serving' | 'restarting' | 'failed' | 'stopped';
 
 export class SidecarSupervisor {
-  private stderrTail = '';
-  private spawnError: Error | undefined;
-  private exitInfo: ExitInfo | undefined;
-  private readonly exited: Promise<ExitInfo>;
-  private readonly killOnExit = (): void => {
-    this.child.kill('SIGKILL');
-  };
+  private current: SidecarProcess;
+  private stateNow: SupervisorState = 'serving';
+  private failure: string | undefined;
+  // Crashes in a row set the backoff exponent; a sidecar that served a while resets it.
+  private crashesInARow = 0;
+  private servingSince = Date.now();
+  private wakeFromBackoff: (() => void) | undefined;
 
   private constructor(
-    private readonly child: ChildProcess,
+    first: SidecarProcess,
+    private readonly config: GolemConfig,
     private readonly socketDir: string,
-    /** The sidecar's gRPC address, `unix:/tmp/golem-XXXX/sidecar.sock`. */
+    /** The sidecar's gRPC address, `unix:/tmp/golem-XXXX/sidecar.sock`, the same across restarts. */
     readonly address: string,
     private readonly logger: Logger,
+    private readonly events: SupervisorEvents,
   ) {
-    this.exited = new Promise((resolve) => {
-      child.once('exit', (code, signal) => {
-        this.exitInfo = { code, signal };
-        resolve(this.exitInfo);
-      });
-      // A failed spawn (no such python) emits 'error' and never 'exit'.
-      child.once('error', (err) => {
-        this.spawnError = err;
-        this.exitInfo = { code: null, signal: null };
-        resolve(this.exitInfo);
-      });
-    });
-    // Should this process die without stopping us, take the sidecar down with it.
-    process.once('exit', this.killOnExit);
+    this.current = first;
+    this.watch(first);
   }
 
-  /** Spawns the sidecar for this config and resolves once its health is SERVING. */
-  static async start(config: GolemConfig, logger: Logger): Promise<SidecarSupervisor> {
+  /**
+   * Spawns the sidecar and resolves once it is SERVING. A first start that fails is not retried:
+   * it is thrown (a bad python or model path will not mend itself), and nothing is left running.
+   */
+  static async start(config: GolemConfig, logger: Logger, events: SupervisorEvents): Promise<SidecarSupervisor> {
     const socketDir = mkdtempSync(path.join(os.tmpdir(), 'golem-'));
     const address = `unix:${path.join(socketDir, 'sidecar.sock')}`;
-    const python = resolvePython(config.sidecar.python);
-    const args = ['-m', 'golem_sidecar', '--listen', address, '--config-json', JSON.stringify(config)];
-    logger.info('starting sidecar', { python, address });
-    const child = spawn(python, args, {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, PYTHONUNBUFFERED: '1' },
-    });
-    const supervisor = new SidecarSupervisor(child, socketDir, address, logger);
-    supervisor.forwardOutput();
+    const first = SidecarProcess.spawn({ config, address, logger });
     try {
-      await supervisor.waitUntilServing(config.sidecar.startTimeoutMs);
+      await first.waitUntilServing(config.sidecar.startTimeoutMs);
     } catch (err) {
-      await supervisor.stop();
+      await first.stop(SIDECAR_STOP_GRACE_MS);
+      rmSync(socketDir, { recursive: true, force: true });
       throw err;
     }
-    logger.info('sidecar ready', { address, pid: child.pid });
-    return supervisor;
+    logger.info('sidecar ready', { address, pid: first.pid });
+    return new SidecarSupervisor(first, config, socketDir, address, logger, events);
   }
 
-  /** Resolves when the sidecar process ends, however that happens. */
-  whenExited(): Promise<ExitInfo> {
-    return this.exited;
+  get state(): SupervisorState {
+    return this.stateNow;
   }
 
-  /** Stops the sidecar: SIGTERM, then SIGKILL if it is still there after `graceMs`. */
-  async stop(graceMs = 10000): Promise<void> {
-    if (!this.exitInfo) {
-      this.child.kill('SIGTERM');
-      const timer = setTimeout(() => this.child.kill('SIGKILL'), graceMs);
-      const info = await this.exited;
-      clearTimeout(timer);
-      this.logger.info('sidecar stopped', { ...info });
-    }
-    process.removeListener('exit', this.killOnExit);
+  // A method, not a field test: `stop()` may change the state across an await.
+  private get stopped(): boolean {
+    return this.stateNow === 'stopped';
+  }
+
+  /** Why the supervisor gave up, once it has. */
+  get failureReason(): string | undefined {
+    return this.failure;
+  }
+
+  /** The running sidecar's process id (tests and the soak kill it). */
+  get pid(): number | undefined {
+    return this.current.pid;
+  }
+
+  /** Stops the sidecar (SIGTERM, then SIGKILL after `graceMs`) and any restart under way. */
+  async stop(graceMs = SIDECAR_STOP_GRACE_MS): Promise<void> {
+    this.stateNow = 'stopped';
+    this.wakeFromBackoff?.();
+    await this.current.stop(graceMs);
     rmSync(this.socketDir, { recursive: true, force: true });
   }
 
-  // The sidecar's logs (JSON lines) join ours on stderr; stdout too, keeping our stdout clean.
-  private forwardOutput(): void {
-    const forward = (chunk: Buffer): void => {
-      process.stderr.write(chunk);
-      this.stderrTail = (this.stderrTail + chunk.toString('utf8')).slice(-STDERR_TAIL_CHARS);
-    };
-    this.child.stdout?.on('data', forward);
-    this.child.stderr?.on('data', forward);
+  private watch(sidecar: SidecarProcess): void {
+    void sidecar.whenExited().then((info) => {
+      if (this.stateNow !== 'serving' || sidecar !== this.current) return;
+      this.logger.error('sidecar died', { how: describeExit(info), pid: sidecar.pid, last_output: sidecar.lastOutput() });
+      this.stateNow = 'restarting';
+      // A sidecar that stayed up longer than the longest backoff was not crash-looping.
+      if (Date.now() - this.servingSince > this.config.sidecar.restartBackoffMaxMs) this.crashesInARow = 0;
+      this.events.onDown(info);
+      void this.restart();
+    });
   }
 
-  private async waitUntilServing(timeoutMs: number): Promise<void> {
-    const client = new SidecarClient(this.address);
-    const deadline = Date.now() + timeoutMs;
-    try {
-      while (Date.now() < deadline) {
-        if (this.exitInfo) throw this.exitError();
-        const status = await client.checkHealth(1000).catch(() => undefined);
-        if (status === 'SERVING') return;
-        await Promise.race([sleep(POLL_INTERVAL_MS), this.exited]);
+  private async restart(): Promise<void> {
+    const { maxRestarts, restartBackoffMs, restartBackoffMaxMs, startTimeoutMs } = this.config.sidecar;
+    let lastError = 'it was not restarted (sidecar.maxRestarts is 0)';
+    for (let attempt = 1; attempt <= maxRestarts; attempt++) {
+      const delayMs = Math.min(restartBackoffMs * 2 ** this.crashesInARow, restartBackoffMaxMs);
+      this.crashesInARow++;
+      this.logger.warn('restarting sidecar', { attempt, max_restarts: maxRestarts, in_ms: delayMs });
+      await this.backoff(delayMs);
+      if (this.stopped) return;
+      // A SIGKILLed sidecar leaves its socket file behind; the new one binds the same path.
+      rmSync(this.address.slice('unix:'.length), { force: true });
+      this.current = SidecarProcess.spawn({ config: this.config, address: this.address, logger: this.logger });
+      try {
+        await this.current.waitUntilServing(startTimeoutMs);
+      } catch (err) {
+        if (this.stopped) return;
+        lastError = err instanceof SidecarStartError ? err.message : String(err);
+        this.logger.error('sidecar restart failed', { attempt, max_restarts: maxRestarts, error: lastError });
+        await this.current.stop(SIDECAR_STOP_GRACE_MS);
+        continue;
       }
-      throw new SidecarStartError(
-        `sidecar was not ready within ${timeoutMs} ms (sidecar.startTimeoutMs); last output: ${this.lastOutput()}`,
-      );
-    } finally {
-      client.close();
+      if (this.stopped) return;
+      this.stateNow = 'serving';
+      this.servingSince = Date.now();
+      this.watch(this.current);
+      this.logger.info('sidecar ready', { address: this.address, pid: this.current.pid, restarts: attempt });
+      this.events.onServing(this.address);
+      return;
     }
+    this.stateNow = 'failed';
+    this.failure = `the sidecar died and could not be restarted (${maxRestarts} failed starts in a row, sidecar.maxRestarts); last error: ${lastError}`;
+    this.logger.error('sidecar given up', { reason: this.failure });
+    this.events.onGaveUp(this.failure);
   }
 
-  private exitError(): SidecarStartError {
-    if (this.spawnError) {
-      return new SidecarStartError(
-        `cannot run the sidecar's python: ${this.spawnError.message} (set sidecar.python or GOLEM_PYTHON)`,
-      );
-    }
-    const info = this.exitInfo;
-    const how = info?.signal ? `signal ${info.signal}` : `code ${info?.code ?? 'unknown'}`;
-    return new SidecarStartError(`sidecar exited (${how}) before it was ready: ${this.lastOutput()}`);
+  // A sleep that `stop()` cuts short.
+  private backoff(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.wakeFromBackoff = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
   }
-
-  private lastOutput(): string {
-    const lines = this.stderrTail.trim().split('\n');
-    return lines.slice(-3).join(' | ') || '(no output)';
-  }
-}
-
-/**
- * A relative interpreter path (the default `.venv/bin/python`) is looked up in the working
- * directory first, then in golem's own folder, so `npx golem` works from elsewhere too.
- */
-export function resolvePython(python: string): string {
-  if (path.isAbsolute(python) || !python.includes('/')) return python;
-  const fromCwd = path.resolve(python);
-  if (existsSync(fromCwd)) return fromCwd;
-  const fromPackage = path.join(PACKAGE_ROOT, python);
-  return existsSync(fromPackage) ? fromPackage : fromCwd;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -1,5 +1,14 @@
 /** Small promise wrappers over real gRPC clients, for the tests. */
-import { credentials, loadPackageDefinition, makeClientConstructor, Metadata, type CallOptions, type ServiceError } from '@grpc/grpc-js';
+import {
+  Client,
+  credentials,
+  loadPackageDefinition,
+  makeClientConstructor,
+  Metadata,
+  type CallOptions,
+  type ChannelCredentials,
+  type ServiceError,
+} from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import path from 'node:path';
 import { service as healthService } from 'grpc-health-check';
@@ -33,8 +42,35 @@ export function takeExam(
   });
 }
 
-export function examClient(address: string): ExamServiceClient {
-  return new ExamServiceClient(address, credentials.createInsecure());
+/**
+ * Sends raw bytes as the request of any method, as a misbehaving client would; the reply is
+ * taken as raw bytes too.
+ */
+export function rawCall(
+  address: string,
+  method: string,
+  bytes: Buffer,
+  options: Partial<CallOptions> = {},
+): Promise<CallResult> {
+  const client = new Client(address, credentials.createInsecure());
+  return new Promise((resolve) => {
+    client.makeUnaryRequest<Buffer, Buffer>(
+      method,
+      (raw) => raw,
+      (raw) => raw,
+      bytes,
+      new Metadata(),
+      options,
+      (error) => {
+        client.close();
+        resolve(error ? { error, details: parseErrorDetails(error.metadata) } : {});
+      },
+    );
+  });
+}
+
+export function examClient(address: string, creds: ChannelCredentials = credentials.createInsecure()): ExamServiceClient {
+  return new ExamServiceClient(address, creds);
 }
 
 interface ReflectionResponse {
@@ -52,8 +88,8 @@ interface ReflectionStream {
 type ReflectionClient = { ServerReflectionInfo(): ReflectionStream; close(): void };
 
 /** Lists the services a server's reflection reports, as grpcurl's `list` does. */
-export async function listServices(address: string): Promise<string[]> {
-  const response = await reflect(address, { list_services: '' });
+export async function listServices(address: string, creds?: ChannelCredentials): Promise<string[]> {
+  const response = await reflect(address, { list_services: '' }, creds);
   return response.list_services_response?.service.map((s) => s.name) ?? [];
 }
 
@@ -64,7 +100,11 @@ export async function describeSymbol(address: string, symbol: string): Promise<B
   return response.file_descriptor_response?.file_descriptor_proto ?? [];
 }
 
-function reflect(address: string, request: ReflectionRequest): Promise<ReflectionResponse> {
+function reflect(
+  address: string,
+  request: ReflectionRequest,
+  creds: ChannelCredentials = credentials.createInsecure(),
+): Promise<ReflectionResponse> {
   const protoFile = path.join(
     path.dirname(require.resolve('@grpc/reflection/package.json')),
     'build/proto/grpc/reflection/v1/reflection.proto',
@@ -72,7 +112,7 @@ function reflect(address: string, request: ReflectionRequest): Promise<Reflectio
   const loaded = loadPackageDefinition(loadSync(protoFile, { keepCase: true })) as unknown as {
     grpc: { reflection: { v1: { ServerReflection: new (a: string, c: unknown) => ReflectionClient } } };
   };
-  const client = new loaded.grpc.reflection.v1.ServerReflection(address, credentials.createInsecure());
+  const client = new loaded.grpc.reflection.v1.ServerReflection(address, creds);
   return new Promise((resolve, reject) => {
     const stream = client.ServerReflectionInfo();
     stream.on('data', (response) => {
@@ -94,12 +134,16 @@ type HealthClient = {
 };
 
 /** Asks a server's grpc.health.v1 Check about one service name. */
-export function healthStatus(address: string, service: string): Promise<string> {
+export function healthStatus(
+  address: string,
+  service: string,
+  creds: ChannelCredentials = credentials.createInsecure(),
+): Promise<string> {
   const Client = makeClientConstructor(healthService, 'grpc.health.v1.Health') as unknown as new (
     a: string,
     c: unknown,
   ) => HealthClient;
-  const client = new Client(address, credentials.createInsecure());
+  const client = new Client(address, creds);
   return new Promise((resolve, reject) => {
     client.Check({ service }, (error, response) => {
       client.close();
@@ -107,4 +151,41 @@ export function healthStatus(address: string, service: string): Promise<string> 
       else resolve(response?.status ?? '');
     });
   });
+}
+
+type HealthWatchClient = {
+  Watch(request: { service: string }): {
+    on(event: 'data', listener: (response: { status: string }) => void): void;
+    on(event: 'error' | 'end' | 'close', listener: () => void): void;
+    cancel(): void;
+  };
+  close(): void;
+};
+
+export interface HealthWatch {
+  /** Every status the server pushed, in order. */
+  statuses: string[];
+  /** Resolves when the stream ends (the server went away, or `cancel`). */
+  ended: Promise<void>;
+  cancel(): void;
+}
+
+/** Follows a server's grpc.health.v1 Watch for one service name. */
+export function watchHealth(address: string, service: string): HealthWatch {
+  const Client = makeClientConstructor(healthService, 'grpc.health.v1.Health') as unknown as new (
+    a: string,
+    c: unknown,
+  ) => HealthWatchClient;
+  const client = new Client(address, credentials.createInsecure());
+  const stream = client.Watch({ service });
+  const statuses: string[] = [];
+  stream.on('data', (response) => statuses.push(response.status));
+  const ended = new Promise<void>((resolve) => {
+    stream.on('error', () => undefined);
+    stream.on('close', () => {
+      client.close();
+      resolve();
+    });
+  });
+  return { statuses, ended, cancel: () => stream.cancel() };
 }

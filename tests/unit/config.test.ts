@@ -23,8 +23,53 @@ describe('loadConfig', () => {
   it('reads the embedded default when no file is named', () => {
     const config = loadConfig({ env: {} });
     expect(config.listen).toBe('127.0.0.1:50051');
-    expect(config.limits).toEqual({ maxNewTokensCap: 512, requestTimeoutMs: 300000 });
+    expect(config.limits).toEqual({
+      maxNewTokensCap: 512,
+      requestTimeoutMs: 300000,
+      shutdownGraceMs: 10000,
+      maxMessageBytes: 1048576,
+      maxInputBytes: 65536,
+    });
+    expect(config.sidecar).toMatchObject({ maxRestarts: 5, restartBackoffMs: 500, restartBackoffMaxMs: 10000 });
+    expect(config.security).toEqual({
+      trustRemoteCode: false,
+      allowPickle: false,
+      authTokenEnv: 'GOLEM_AUTH_TOKEN',
+      tlsCertFile: '',
+      tlsKeyFile: '',
+      adapterRoots: [],
+      modelRoots: [],
+    });
     expect(config.defaults.quantization).toBe('auto');
+  });
+
+  it('fills keys added later with their defaults, so older config files still load', () => {
+    const file = writeConfig('old.json', (raw) => {
+      for (const key of ['maxRestarts', 'restartBackoffMs', 'restartBackoffMaxMs']) delete raw.sidecar[key];
+      for (const key of ['shutdownGraceMs', 'maxMessageBytes', 'maxInputBytes']) delete raw.limits[key];
+      for (const key of ['authTokenEnv', 'tlsCertFile', 'tlsKeyFile', 'adapterRoots', 'modelRoots']) {
+        delete raw.security[key];
+      }
+    });
+    expect(loadConfig({ file, env: {} })).toEqual(loadConfig({ env: {} }));
+  });
+
+  it('refuses TLS with only one of the certificate and the key, naming the missing key', () => {
+    const certOnly = writeConfig('cert-only.json', (raw) => {
+      raw.security.tlsCertFile = '/etc/golem/cert.pem';
+    });
+    expect(() => loadConfig({ file: certOnly, env: {} })).toThrow(
+      /security\.tlsKeyFile: must be set together with security\.tlsCertFile/,
+    );
+    expect(() => loadConfig({ env: { GOLEM_TLS_KEY_FILE: '/etc/golem/key.pem' } })).toThrow(/security\.tlsCertFile: /);
+  });
+
+  it('refuses negative restarts and non-string roots, naming the key', () => {
+    const file = writeConfig('bad-restarts.json', (raw) => {
+      raw.sidecar.maxRestarts = -1;
+      raw.security.adapterRoots = ['models', 7];
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/sidecar\.maxRestarts: .*security\.adapterRoots\.1: /);
   });
 
   it('reads the seed profile with its 4-bit quantization object', () => {
@@ -53,6 +98,9 @@ describe('loadConfig', () => {
         GOLEM_DEVICE: 'cpu',
         GOLEM_MAX_NEW_TOKENS_CAP: '64',
         GOLEM_REQUEST_TIMEOUT_MS: '1000',
+        GOLEM_SHUTDOWN_GRACE_MS: '2500',
+        GOLEM_TLS_CERT_FILE: '/etc/golem/cert.pem',
+        GOLEM_TLS_KEY_FILE: '/etc/golem/key.pem',
       },
     });
     expect(config).toMatchObject({
@@ -61,7 +109,8 @@ describe('loadConfig', () => {
       production: true,
       sidecar: { address: 'unix:/run/golem.sock', python: '/usr/bin/python3' },
       defaults: { modelName: 'distilgpt2', adapterPath: 'results/checkpoint-250', device: 'cpu' },
-      limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000 },
+      limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000, shutdownGraceMs: 2500 },
+      security: { tlsCertFile: '/etc/golem/cert.pem', tlsKeyFile: '/etc/golem/key.pem' },
     });
   });
 

@@ -1,0 +1,38 @@
+/**
+ * Where the sidecar may load models and adapters from. A gateway reachable beyond this machine
+ * with no roots configured would let any caller make the sidecar read any folder, so then both
+ * roots default to ./models.
+ */
+import path from 'node:path';
+import type { GolemConfig } from '../config';
+import type { Logger } from '../log';
+
+/** Whether a listen address (`host:port`, `[v6]:port`, `unix:...`) is reachable only from here. */
+export function isLoopback(listen: string): boolean {
+  if (listen.startsWith('unix:')) return true;
+  const host = listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, '').toLowerCase();
+  return host === 'localhost' || host === '::1' || /^127(\.\d{1,3}){3}$/.test(host);
+}
+
+/**
+ * The config the sidecar gets: roots made absolute (the two processes share a working directory,
+ * but logs should show what is meant), and confined to ./models when listening beyond loopback
+ * with no roots set.
+ */
+export function sidecarConfig(config: GolemConfig, listen: string, logger: Logger): GolemConfig {
+  let { adapterRoots, modelRoots } = config.security;
+  if (!isLoopback(listen) && adapterRoots.length === 0 && modelRoots.length === 0) {
+    const models = path.resolve('models');
+    adapterRoots = [models];
+    modelRoots = [models];
+    logger.warn('listening beyond loopback with no security.adapterRoots or security.modelRoots: confining both', {
+      listen,
+      root: models,
+    });
+  }
+  const absolute = (roots: string[]): string[] => roots.map((root) => path.resolve(root));
+  return {
+    ...config,
+    security: { ...config.security, adapterRoots: absolute(adapterRoots), modelRoots: absolute(modelRoots) },
+  };
+}
