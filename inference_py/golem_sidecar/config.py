@@ -46,6 +46,12 @@ class Limits:
 
     # A larger max_new_tokens is refused with INVALID_ARGUMENT, never clamped.
     max_new_tokens_cap: int = 512
+    # Requests decoded together in one batch, at most.
+    max_batch_size: int = 32
+    # How long the first request of a batch waits for others to join.
+    batch_wait_ms: int = 5
+    # Requests waiting per base model; beyond it, RESOURCE_EXHAUSTED at once.
+    max_queue: int = 256
 
 
 @dataclass(frozen=True)
@@ -138,10 +144,19 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
     )
     lim = _section(raw, "limits")
     limits = Limits(
-        max_new_tokens_cap=_get(lim, "maxNewTokensCap", "limits", int, Limits.max_new_tokens_cap)
+        max_new_tokens_cap=_get(lim, "maxNewTokensCap", "limits", int, Limits.max_new_tokens_cap),
+        max_batch_size=_get(lim, "maxBatchSize", "limits", int, Limits.max_batch_size),
+        batch_wait_ms=_get(lim, "batchWaitMs", "limits", int, Limits.batch_wait_ms),
+        max_queue=_get(lim, "maxQueue", "limits", int, Limits.max_queue),
     )
-    if limits.max_new_tokens_cap < 1:
-        raise ConfigError("limits.maxNewTokensCap: must be at least 1")
+    for key, value, low in (
+        ("maxNewTokensCap", limits.max_new_tokens_cap, 1),
+        ("maxBatchSize", limits.max_batch_size, 1),
+        ("batchWaitMs", limits.batch_wait_ms, 0),
+        ("maxQueue", limits.max_queue, 1),
+    ):
+        if value < low:
+            raise ConfigError(f"limits.{key}: must be at least {low}, got {value}")
     sec = _section(raw, "security")
     security = Security(
         trust_remote_code=_get(sec, "trustRemoteCode", "security", bool, False),

@@ -3,13 +3,17 @@ the adapter folder checked. Cheap work only; nothing is loaded here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.errors import invalid_argument
 from golem_sidecar.gen import exam_pb2
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
+from golem_sidecar.sampling import SamplingParams
+
+MAX_STOPS = 8
+MAX_STOP_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class ExamSpec:
     max_new_tokens: int
     placement: Placement
     expected_answer: str | None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
 
 
 def _text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
@@ -73,4 +79,55 @@ def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> Ex
         adapter_path = _text(request, "adapter_path", defaults.adapter_path)
         adapter = check_adapter_folder(adapter_path, config.security.allow_pickle)
     expected = request.expected_answer if request.HasField("expected_answer") else None
-    return ExamSpec(model_name, adapter, prompt, max_new_tokens, placement, expected)
+    return ExamSpec(
+        model_name,
+        adapter,
+        prompt,
+        max_new_tokens,
+        placement,
+        expected,
+        _sampling(request),
+        _stop(request),
+    )
+
+
+def _bounded(
+    request: exam_pb2.TakeExamRequest, field: str, low: float, high: float, *, open_low: bool
+) -> float | None:
+    if not request.HasField(field):
+        return None
+    value = float(getattr(request, field))
+    too_low = value <= low if open_low else value < low
+    # NaN fails both comparisons, so it is caught by the explicit check.
+    if too_low or value > high or value != value:
+        bracket = "(" if open_low else "["
+        raise invalid_argument(field, f"must be in {bracket}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def _sampling(request: exam_pb2.TakeExamRequest) -> SamplingParams:
+    temperature = _bounded(request, "temperature", 0.0, 100.0, open_low=False)
+    top_p = _bounded(request, "top_p", 0.0, 1.0, open_low=True)
+    penalty = _bounded(request, "repetition_penalty", 0.0, 10.0, open_low=True)
+    top_k = request.top_k if request.HasField("top_k") else 0
+    if top_k < 0:
+        raise invalid_argument("top_k", f"must be 0 (all tokens) or more, got {top_k}")
+    return SamplingParams(
+        temperature=temperature or 0.0,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        repetition_penalty=1.0 if penalty is None else penalty,
+    )
+
+
+def _stop(request: exam_pb2.TakeExamRequest) -> tuple[str, ...]:
+    stops = tuple(request.stop)
+    if len(stops) > MAX_STOPS:
+        raise invalid_argument("stop", f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+    for stop in stops:
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise invalid_argument(
+                "stop", f"each stop sequence must be 1..{MAX_STOP_CHARS} characters"
+            )
+    return stops

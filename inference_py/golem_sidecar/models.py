@@ -49,6 +49,10 @@ class ResidentBase:
         return self.model.get_input_embeddings().weight.device
 
     @property
+    def is_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    @property
     def weight_dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
 
@@ -98,6 +102,9 @@ class ResidentModels:
             extra={"model": model_name, "device": placement.device, "load_ms": elapsed // 10**6},
         )
         return resident, elapsed
+
+    def is_resident(self, base: ResidentBase) -> bool:
+        return any(resident is base for resident in self._bases.values())
 
     def adapter(self, base: ResidentBase, folder: AdapterFolder) -> tuple[str, int]:
         """The name of this adapter on this base, attaching it if needed; also returns the

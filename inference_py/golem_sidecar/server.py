@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import torch
@@ -13,16 +14,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from golem_sidecar.config import SidecarConfig
+from golem_sidecar.decoding import FINISH_EOS, FINISH_LENGTH, FINISH_STOP
 from golem_sidecar.engine import ExamEngine, ExamResult
 from golem_sidecar.errors import GolemError
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
-from golem_sidecar.generation import FINISH_EOS
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = exam_pb2.DESCRIPTOR.services_by_name["ExamService"].full_name
+_FINISH_REASONS = {
+    FINISH_LENGTH: exam_pb2.FINISH_REASON_LENGTH,
+    FINISH_EOS: exam_pb2.FINISH_REASON_EOS,
+    FINISH_STOP: exam_pb2.FINISH_REASON_STOP,
+}
 _GRADE_RULES = {
     EXACT_MATCH: exam_pb2.GRADE_RULE_EXACT_MATCH,
     CONTAINS: exam_pb2.GRADE_RULE_CONTAINS,
@@ -38,20 +44,44 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.TakeExamResponse:
         REQUEST_ID.set(_request_id(context))
-        error = await self._take_exam(request)
-        if isinstance(error, exam_pb2.TakeExamResponse):
-            return error
-        await context.abort_with_status(error.to_status())
-        raise AssertionError("abort_with_status returns only by raising")
+        outcome = await self._answer(request, None)
+        if isinstance(outcome, GolemError):
+            await context.abort_with_status(outcome.to_status())
+            raise AssertionError("abort_with_status returns only by raising")
+        return to_response(outcome)
 
-    async def _take_exam(
-        self, request: exam_pb2.TakeExamRequest
-    ) -> exam_pb2.TakeExamResponse | GolemError:
+    async def StreamExam(
+        self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[exam_pb2.ExamChunk]:
+        REQUEST_ID.set(_request_id(context))
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        answering = asyncio.ensure_future(self._answer(request, pieces.put_nowait))
+        try:
+            while not (answering.done() and pieces.empty()):
+                getting = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getting, answering}, return_when=asyncio.FIRST_COMPLETED)
+                if getting.done():
+                    yield exam_pb2.ExamChunk(text=getting.result())
+                else:
+                    getting.cancel()
+        finally:
+            # The caller went away mid-stream: its row leaves the batch at the next token.
+            answering.cancel()
+        outcome = answering.result()
+        if isinstance(outcome, GolemError):
+            await context.abort_with_status(outcome.to_status())
+            raise AssertionError("abort_with_status returns only by raising")
+        yield exam_pb2.ExamChunk(final=to_response(outcome))
+
+    async def _answer(
+        self, request: exam_pb2.TakeExamRequest, on_text: Callable[[str], None] | None
+    ) -> ExamResult | GolemError:
+        """Runs one exam; every failure becomes the GolemError the caller will receive."""
         cancelled = threading.Event()
         try:
             spec = resolve_exam(request, self._config)
             self._debug_text("exam received", prompt=spec.prompt)
-            result = await self._engine.take_exam(spec, cancelled)
+            result = await self._engine.take_exam(spec, cancelled, on_text)
         except GolemError as err:
             log.warning(
                 "exam refused",
@@ -67,6 +97,7 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "OUT_OF_MEMORY",
                 "the model ran out of memory; retry later or ask for fewer max_new_tokens",
+                retry_after_s=5.0,
             )
         except Exception as exc:
             log.exception("exam failed")
@@ -74,7 +105,7 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
                 grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
             )
         self._log_result(result)
-        return to_response(result)
+        return result
 
     def _debug_text(self, message: str, **texts: str) -> None:
         # Prompts and answers are the caller's data: debug level only, never in production.
@@ -92,6 +123,7 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
                 "load_ms": result.load_ns // 10**6,
                 "queue_ms": result.queue_ns // 10**6,
                 "generate_ms": gen.generate_ns // 10**6,
+                "batch_size": result.batch_size,
             },
         )
         self._debug_text("exam answer", answer=gen.answer)
@@ -121,11 +153,8 @@ def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
         ),
         prompt_tokens=gen.prompt_tokens,
         answer_tokens=gen.answer_tokens,
-        finish_reason=(
-            exam_pb2.FINISH_REASON_EOS
-            if gen.finish_reason == FINISH_EOS
-            else exam_pb2.FINISH_REASON_LENGTH
-        ),
+        finish_reason=_FINISH_REASONS[gen.finish_reason],
+        batch_size=result.batch_size,
         timings=exam_pb2.Timings(
             load_ns=result.load_ns, queue_ns=result.queue_ns, generate_ns=gen.generate_ns
         ),
@@ -185,4 +214,4 @@ class Sidecar:
     async def stop(self, grace: float) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
-        self.engine.close()
+        await self.engine.close()
