@@ -52,6 +52,8 @@ class Limits:
     batch_wait_ms: int = 5
     # Requests waiting per base model; beyond it, RESOURCE_EXHAUSTED at once.
     max_queue: int = 256
+    # Adapters kept attached per base; beyond it the least recently used is evicted.
+    max_adapters: int = 8
 
 
 @dataclass(frozen=True)
@@ -148,12 +150,14 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         max_batch_size=_get(lim, "maxBatchSize", "limits", int, Limits.max_batch_size),
         batch_wait_ms=_get(lim, "batchWaitMs", "limits", int, Limits.batch_wait_ms),
         max_queue=_get(lim, "maxQueue", "limits", int, Limits.max_queue),
+        max_adapters=_get(lim, "maxAdapters", "limits", int, Limits.max_adapters),
     )
     for key, value, low in (
         ("maxNewTokensCap", limits.max_new_tokens_cap, 1),
         ("maxBatchSize", limits.max_batch_size, 1),
         ("batchWaitMs", limits.batch_wait_ms, 0),
         ("maxQueue", limits.max_queue, 1),
+        ("maxAdapters", limits.max_adapters, 1),
     ):
         if value < low:
             raise ConfigError(f"limits.{key}: must be at least {low}, got {value}")

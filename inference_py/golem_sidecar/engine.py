@@ -18,13 +18,14 @@ from typing import Any
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
+from golem_sidecar.comparison import ComparedAnswer, CompareSpec, run_comparison
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_STOP, Row, decode_batch
 from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.grading import Grade, grade
-from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, model_key
-from golem_sidecar.placement import QuantizationRequest, resolve_placement
+from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, model_key, peft_name
+from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class ExamResult:
     load_ns: int
     queue_ns: int
     batch_size: int
+    # The adapter really worn; None for the bare base.
+    adapter: AdapterFolder | None = None
 
 
 @dataclass(eq=False)
@@ -61,6 +64,7 @@ class _Prepared:
     row: Row
     load_ns: int
     queue_ns: int
+    adapter: AdapterFolder | None
 
 
 class ExamEngine:
@@ -73,7 +77,7 @@ class ExamEngine:
             batch_wait_s=config.limits.batch_wait_ms / 1000,
             max_queue=config.limits.max_queue,
         )
-        self._models = ResidentModels(config.security)
+        self._models = ResidentModels(config.security, config.limits.max_adapters)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="golem-model")
         self._queues: dict[BaseKey, BatchQueue] = {}
 
@@ -144,17 +148,17 @@ class ExamEngine:
         """Attaches each request's adapter and encodes its prompt; a request that fails here
         fails alone, the rest of the batch goes on."""
         prepared = []
+        pinned: set[str] = set()
         for pending in batch:
             try:
-                adapter_name, adapter_ns = None, 0
-                if pending.spec.adapter is not None:
-                    adapter_name, adapter_ns = self._models.adapter(base, pending.spec.adapter)
+                adapter_name, adapter_ns = self._adapter_for(base, pending.spec, pinned)
                 row = self._row(base, pending, adapter_name)
+                folder = base.adapters[adapter_name] if adapter_name else None
             except GolemError as err:
                 outcomes[id(pending)] = err
                 continue
             queue_ns = started - pending.queued_at
-            prepared.append(_Prepared(pending, row, base_ns + adapter_ns, queue_ns))
+            prepared.append(_Prepared(pending, row, base_ns + adapter_ns, queue_ns, folder))
         if not self._models.is_resident(base):
             # A failed first attach can leave layers injected into the base, which is then
             # dropped: the others must not decode on it, so this batch is prepared again.
@@ -163,13 +167,27 @@ class ExamEngine:
             return self._prepare(fresh, retry, started, base_ns + reload_ns, outcomes)
         return prepared
 
+    def _adapter_for(
+        self, base: ResidentBase, spec: ExamSpec, pinned: set[str]
+    ) -> tuple[str | None, int]:
+        """The adapter a request wears (None: the bare base), attached if need be. Adapters of
+        the batch being prepared are pinned: attaching one never evicts another."""
+        if spec.adapter_name is not None:
+            name, load_ns = self._models.named(base, spec.adapter_name), 0
+        elif spec.adapter is not None:
+            name, load_ns = self._models.adapter(base, spec.adapter, pinned=pinned)
+        else:
+            return None, 0
+        pinned.add(name)
+        return name, load_ns
+
     def _row(self, base: ResidentBase, pending: Pending, adapter: str | None) -> Row:
         spec = pending.spec
         prompt_ids = list(base.tokenizer(spec.prompt)["input_ids"])
         _check_context(base, len(prompt_ids), spec.max_new_tokens)
         return Row(
             prompt_ids=prompt_ids,
-            adapter=adapter,
+            adapter=peft_name(adapter) if adapter else None,
             max_new_tokens=spec.max_new_tokens,
             cancelled=pending.cancelled,
             params=spec.sampling,
@@ -211,7 +229,67 @@ class ExamEngine:
             load_ns=item.load_ns,
             queue_ns=item.queue_ns,
             batch_size=batch_size,
+            adapter=item.adapter,
         )
+
+    def _default_placement(self) -> Placement:
+        defaults = self._config.defaults
+        return resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
+
+    async def load_adapter(
+        self, name: str, folder: AdapterFolder, model_name: str | None
+    ) -> tuple[ResidentBase, str, int]:
+        """Attaches an adapter under a name (on the model thread, between batches)."""
+        model = model_name or self._config.defaults.model_name
+
+        def load() -> tuple[ResidentBase, str, int]:
+            base, base_ns = self._models.base(model, self._default_placement())
+            attached, load_ns = self._models.adapter(base, folder, name=name)
+            return base, attached, base_ns + load_ns
+
+        result: tuple[ResidentBase, str, int] = await self._on_worker(load)
+        return result
+
+    async def unload_adapter(self, name: str, model_name: str | None) -> None:
+        """Detaches a named adapter once the batch running now (if any) has finished."""
+        key = BaseKey(
+            model_key(model_name or self._config.defaults.model_name), self._default_placement()
+        )
+
+        def unload() -> None:
+            base = self._models.find(key)
+            if base is None:
+                raise self._models.not_loaded(name, key.model)
+            self._models.unload(base, name)
+
+        await self._on_worker(unload)
+
+    async def list_adapters(self) -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
+        def listing() -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
+            return [
+                (base, name, folder, base.uses[name])
+                for base in self._models.resident()
+                for name, folder in base.adapters.items()
+            ]
+
+        result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(listing)
+        return result
+
+    async def compare(
+        self, spec: CompareSpec, cancelled: threading.Event
+    ) -> list[list[ComparedAnswer]]:
+        """Base and adapters on the same prompts, in one batched pass on the model thread."""
+
+        def comparing() -> list[list[ComparedAnswer]]:
+            base, _ = self._models.base(spec.model_name, spec.placement)
+            return run_comparison(self._models, base, spec, cancelled, self._limits.max_batch_size)
+
+        try:
+            result: list[list[ComparedAnswer]] = await self._on_worker(comparing)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return result
 
     async def preload(self) -> None:
         """Loads the default base, and the default adapter when its folder exists, so the first
@@ -221,8 +299,7 @@ class ExamEngine:
 
     def _preload_sync(self) -> None:
         defaults = self._config.defaults
-        placement = resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
-        base, _ = self._models.base(defaults.model_name, placement)
+        base, _ = self._models.base(defaults.model_name, self._default_placement())
         adapter = _default_adapter(defaults.adapter_path, self._config.security.allow_pickle)
         if adapter is not None:
             self._models.adapter(base, adapter)

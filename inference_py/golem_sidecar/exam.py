@@ -3,6 +3,7 @@ the adapter folder checked. Cheap work only; nothing is loaded here."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
@@ -21,7 +22,7 @@ class ExamSpec:
     """One exam question, fully resolved."""
 
     model_name: str
-    # None when the caller asked for the bare base (disable_adapter).
+    # None when the caller asked for the bare base (disable_adapter) or named an adapter.
     adapter: AdapterFolder | None
     prompt: str
     max_new_tokens: int
@@ -29,6 +30,8 @@ class ExamSpec:
     expected_answer: str | None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    # A registered adapter (LoadAdapter), used instead of a path.
+    adapter_name: str | None = None
 
 
 def _text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
@@ -74,8 +77,10 @@ def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> Ex
     placement = resolve_placement(
         _text(request, "device", defaults.device), _quantization(request), defaults.quantization
     )
-    adapter = None
-    if not request.disable_adapter:
+    adapter, adapter_name = None, None
+    if request.HasField("adapter_name"):
+        adapter_name = _adapter_name(request)
+    elif not request.disable_adapter:
         adapter_path = _text(request, "adapter_path", defaults.adapter_path)
         adapter = check_adapter_folder(adapter_path, config.security.allow_pickle)
     expected = request.expected_answer if request.HasField("expected_answer") else None
@@ -88,7 +93,30 @@ def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> Ex
         expected,
         _sampling(request),
         _stop(request),
+        adapter_name,
     )
+
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def check_adapter_name(field_name: str, name: str) -> str:
+    """Adapter names become peft module keys: a letter, then letters, digits, _ or -."""
+    if not ADAPTER_NAME.match(name):
+        raise invalid_argument(
+            field_name,
+            f'"{name}" is not a valid adapter name (a letter, then up to 63 of '
+            "letters, digits, _ and -)",
+        )
+    return name
+
+
+def _adapter_name(request: exam_pb2.TakeExamRequest) -> str:
+    if request.HasField("adapter_path"):
+        raise invalid_argument("adapter_name", "cannot be combined with adapter_path")
+    if request.disable_adapter:
+        raise invalid_argument("adapter_name", "cannot be combined with disable_adapter")
+    return check_adapter_name("adapter_name", request.adapter_name)
 
 
 def _bounded(

@@ -46,15 +46,15 @@ def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_model(out: Path, seed: int = 0) -> Path:
+def build_model(out: Path, seed: int = 0, hidden_size: int = 64) -> Path:
     """A 2-layer Llama with random weights, saved as safetensors beside its tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
