@@ -1,7 +1,7 @@
 """``python -m golem_sidecar --listen ADDR [--config FILE | --config-json JSON]``
 
-Exits 0 after SIGTERM/SIGINT (calls in flight get a grace period), 2 for a bad config, and 1 when
-the default model cannot be loaded.
+Exits 0 after SIGTERM/SIGINT (calls in flight get limits.shutdownGraceMs to finish; a second
+signal cuts that short), 2 for a bad config, and 1 when the default model cannot be loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import configure_logging
 
 log = logging.getLogger("golem_sidecar")
-SHUTDOWN_GRACE_S = 10.0
+# How long shutdown waits for the model thread after the last call has ended.
+_WORKER_WAIT_S = 2.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +58,17 @@ async def _serve(config: SidecarConfig) -> int:
         log.exception("sidecar failed to start")
         await sidecar.stop(0)
         return 1
-    log.info("sidecar stopping", extra={"grace_s": SHUTDOWN_GRACE_S})
-    await sidecar.stop(SHUTDOWN_GRACE_S)
+    grace_s = config.limits.shutdown_grace_ms / 1000
+    log.info("sidecar stopping", extra={"grace_s": grace_s})
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, sidecar.gate.expire)
+    await sidecar.stop(grace_s)
+    if not await sidecar.engine.wait_idle(_WORKER_WAIT_S):
+        # A model load cannot be interrupted, and Python would wait for it at exit.
+        log.warning("model thread still busy; exiting without it")
+        logging.shutdown()
+        os._exit(0)
+    log.info("sidecar stopped")
     return 0
 
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from safetensors import SafetensorError, safe_open
 
 from golem_sidecar.errors import GolemError, failed_precondition, not_found
+from golem_sidecar.paths import as_path, confine, kind
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+# peft's special target that means "every linear layer but the output head".
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -24,43 +30,65 @@ class AdapterFolder:
     resolved: Path
     peft_type: str
     base_model_name_or_path: str
+    # The config's target_modules: a list of module names, one regex, or None (not a tuner
+    # that targets modules, e.g. prompt tuning).
+    target_modules: tuple[str, ...] | str | None = None
+    # Tensor names in the safetensors header; None for pickle weights, which have no header.
+    weight_keys: frozenset[str] | None = None
 
 
-def check_adapter_folder(path: str, allow_pickle: bool) -> AdapterFolder:
-    """Checks that ``path`` is a loadable adapter folder (a Trainer checkpoint folder counts)."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
+def check_adapter_folder(
+    path: str, allow_pickle: bool, roots: tuple[Path, ...] = ()
+) -> AdapterFolder:
+    """Checks that ``path`` is a loadable adapter folder (a Trainer checkpoint folder counts).
+
+    Refusals, in the order they are checked: PATH_OUTSIDE_ROOTS (PERMISSION_DENIED),
+    ADAPTER_NOT_FOUND (NOT_FOUND), ADAPTER_NOT_A_DIRECTORY (INVALID_ARGUMENT), then
+    FAILED_PRECONDITION with ADAPTER_CONFIG_MISSING, ADAPTER_CONFIG_INVALID,
+    ADAPTER_PICKLE_REFUSED, ADAPTER_WEIGHTS_MISSING or ADAPTER_WEIGHTS_CORRUPT.
+    """
+    confine(path, roots, "adapter_path")
+    folder = as_path(path)
+    found = kind(folder)
+    if found is None:
         raise not_found(
             "adapter_path",
             "ADAPTER_NOT_FOUND",
-            f'no adapter at "{path}" (looked in {folder.resolve()})',
+            f'no adapter at "{path}" (looked in {folder.absolute()})',
         )
-    if not folder.is_dir():
+    if found != "dir":
         raise GolemError(
             grpc.StatusCode.INVALID_ARGUMENT,
             "ADAPTER_NOT_A_DIRECTORY",
             f'adapter_path: "{path}" is a file; give the adapter folder',
             "adapter_path",
         )
+    # The folder is inside the roots; its files may be symlinks, and must not lead out either.
+    for name in (CONFIG_FILE, SAFETENSORS_FILE, PICKLE_FILE) if roots else ():
+        if kind(folder / name) is not None:
+            confine(str(folder / name), roots, "adapter_path")
     config = _read_adapter_config(folder, path)
-    _check_weights(folder, path, allow_pickle)
+    weight_keys = _check_weights(folder, path, allow_pickle)
     return AdapterFolder(
         path=path,
         resolved=folder.resolve(),
         peft_type=str(config["peft_type"]),
         base_model_name_or_path=str(config.get("base_model_name_or_path") or ""),
+        target_modules=_target_modules(config.get("target_modules")),
+        weight_keys=weight_keys,
     )
 
 
 def _read_adapter_config(folder: Path, path: str) -> dict[str, object]:
     config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
+    if kind(config_path) != "file":
         raise failed_precondition(
             "adapter_path", "ADAPTER_CONFIG_MISSING", f'"{path}" has no {CONFIG_FILE}'
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
+        # ValueError covers both malformed JSON and bytes that are not UTF-8.
         raise failed_precondition(
             "adapter_path",
             "ADAPTER_CONFIG_INVALID",
@@ -75,12 +103,14 @@ def _read_adapter_config(folder: Path, path: str) -> dict[str, object]:
     return config
 
 
-def _check_weights(folder: Path, path: str, allow_pickle: bool) -> None:
-    if (folder / SAFETENSORS_FILE).is_file():
-        return
-    if (folder / PICKLE_FILE).is_file():
+def _check_weights(folder: Path, path: str, allow_pickle: bool) -> frozenset[str] | None:
+    """The safetensors tensor names, or None when pickle weights are allowed and present."""
+    weights = folder / SAFETENSORS_FILE
+    if kind(weights) == "file":
+        return _read_header(weights, path)
+    if kind(folder / PICKLE_FILE) == "file":
         if allow_pickle:
-            return
+            return None
         raise failed_precondition(
             "adapter_path",
             "ADAPTER_PICKLE_REFUSED",
@@ -90,3 +120,51 @@ def _check_weights(folder: Path, path: str, allow_pickle: bool) -> None:
     raise failed_precondition(
         "adapter_path", "ADAPTER_WEIGHTS_MISSING", f'"{path}" has no {SAFETENSORS_FILE}'
     )
+
+
+def _read_header(weights: Path, path: str) -> frozenset[str]:
+    """Reads only the header: safetensors checks that it is JSON and that its tensors cover the
+    file exactly, so a truncated or overwritten file is caught here (ADAPTER_WEIGHTS_CORRUPT,
+    FAILED_PRECONDITION) instead of halfway through attaching it to a base."""
+    try:
+        with safe_open(str(weights), framework="pt") as tensors:
+            return frozenset(tensors.keys())
+    except (SafetensorError, OSError) as exc:
+        raise failed_precondition(
+            "adapter_path",
+            "ADAPTER_WEIGHTS_CORRUPT",
+            f'{SAFETENSORS_FILE} in "{path}" is truncated or corrupt: {exc}',
+        ) from exc
+
+
+def _target_modules(value: object) -> tuple[str, ...] | str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
+
+
+def missing_targets(folder: AdapterFolder, module_names: Iterable[str]) -> list[str]:
+    """The adapter's target modules that the base lacks, when that matters.
+
+    peft itself refuses only an adapter none of whose targets exist, and silently drops the
+    weights of the others. A target the base lacks matters when the adapter holds weights for it
+    (they would be dropped) or when no target exists at all; a trainer's generic target list
+    that names modules this architecture never had is harmless and passes.
+    """
+    targets = folder.target_modules
+    if targets is None or targets == ALL_LINEAR:
+        return []
+    names = list(module_names)
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            return []  # peft reports its own regex errors when it loads the adapter
+        return [] if any(pattern.fullmatch(n) for n in names) else [targets]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if len(missing) == len(targets):
+        return missing
+    keys = folder.weight_keys
+    return [t for t in missing if keys is None or any(f".{t}." in k for k in keys)]

@@ -75,7 +75,9 @@ def _compared(label: str, config: SidecarConfig) -> ComparedModel:
     # A bare word that is no folder here is a registered adapter's name.
     if ADAPTER_NAME.match(label) and not Path(label).exists():
         return ComparedModel(label, None, label)
-    return ComparedModel(label, check_adapter_folder(label, config.security.allow_pickle), None)
+    security = config.security
+    folder = check_adapter_folder(label, security.allow_pickle, security.adapter_roots)
+    return ComparedModel(label, folder, None)
 
 
 def run_comparison(

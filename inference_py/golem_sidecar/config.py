@@ -3,11 +3,14 @@ reads) and validated at the edge: every error names the key that is wrong."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 SEED_PROMPT = "Instruction: Which genre is the hobbit?\nResponse:"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -54,16 +57,26 @@ class Limits:
     max_queue: int = 256
     # Adapters kept attached per base; beyond it the least recently used is evicted.
     max_adapters: int = 8
+    # On SIGTERM/SIGINT, calls in flight get this long to finish before they are ended with
+    # UNAVAILABLE (reason SHUTTING_DOWN).
+    shutdown_grace_ms: int = 10_000
+    # Largest request or response message; a bigger request is refused with RESOURCE_EXHAUSTED
+    # by gRPC itself, before any of it is parsed.
+    max_message_bytes: int = 1_048_576
 
 
 @dataclass(frozen=True)
 class Security:
-    """Loading rules; both stay off unless a deployer turns them on."""
+    """Loading rules; the permissive ones stay off unless a deployer turns them on."""
 
     # Execute model code shipped with a hub repository.
     trust_remote_code: bool = False
     # Load pickle (.bin) weights; pickle can run arbitrary code, so safetensors only by default.
     allow_pickle: bool = False
+    # Absolute folders an adapter_path must resolve into (symlinks followed); empty: anywhere.
+    adapter_roots: tuple[Path, ...] = ()
+    # The same for local model paths; hub ids are not paths and are unaffected.
+    model_roots: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,23 @@ def _get(raw: dict[str, Any], key: str, path: str, kind: type, default: Any) -> 
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{path}.{key}: expected {kind.__name__}, got {json.dumps(value)}")
     return value
+
+
+def _roots(raw: dict[str, Any], key: str) -> tuple[Path, ...]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(
+            f"security.{key}: expected a list of folder paths, got {json.dumps(value)}"
+        )
+    # Resolved once, from the sidecar's working directory, so later checks compare real paths.
+    return tuple(Path(v).expanduser().resolve() for v in value)
+
+
+def _within(limits: Limits, key: str, attr: str, minimum: int, maximum: int = 2**31 - 1) -> None:
+    # gRPC takes its sizes as 32-bit ints; the same bound keeps every limit sane.
+    value = getattr(limits, attr)
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"limits.{key}: must be between {minimum} and {maximum}, got {value}")
 
 
 def _quantization(value: Any) -> QuantizationDefault:
@@ -151,20 +181,23 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         batch_wait_ms=_get(lim, "batchWaitMs", "limits", int, Limits.batch_wait_ms),
         max_queue=_get(lim, "maxQueue", "limits", int, Limits.max_queue),
         max_adapters=_get(lim, "maxAdapters", "limits", int, Limits.max_adapters),
+        shutdown_grace_ms=_get(lim, "shutdownGraceMs", "limits", int, Limits.shutdown_grace_ms),
+        max_message_bytes=_get(lim, "maxMessageBytes", "limits", int, Limits.max_message_bytes),
     )
-    for key, value, low in (
-        ("maxNewTokensCap", limits.max_new_tokens_cap, 1),
-        ("maxBatchSize", limits.max_batch_size, 1),
-        ("batchWaitMs", limits.batch_wait_ms, 0),
-        ("maxQueue", limits.max_queue, 1),
-        ("maxAdapters", limits.max_adapters, 1),
-    ):
-        if value < low:
-            raise ConfigError(f"limits.{key}: must be at least {low}, got {value}")
+    _within(limits, "maxNewTokensCap", "max_new_tokens_cap", 1)
+    _within(limits, "maxBatchSize", "max_batch_size", 1)
+    _within(limits, "batchWaitMs", "batch_wait_ms", 0)
+    _within(limits, "maxQueue", "max_queue", 1)
+    _within(limits, "maxAdapters", "max_adapters", 1)
+    _within(limits, "shutdownGraceMs", "shutdown_grace_ms", 0)
+    # Below this even an ordinary answer or error status would not fit.
+    _within(limits, "maxMessageBytes", "max_message_bytes", 4096)
     sec = _section(raw, "security")
     security = Security(
         trust_remote_code=_get(sec, "trustRemoteCode", "security", bool, False),
         allow_pickle=_get(sec, "allowPickle", "security", bool, False),
+        adapter_roots=_roots(sec, "adapterRoots"),
+        model_roots=_roots(sec, "modelRoots"),
     )
     side = _section(raw, "sidecar")
     return SidecarConfig(
@@ -191,3 +224,33 @@ def load_config(path: str | None, inline_json: str | None, listen: str | None) -
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{origin}: not valid JSON ({exc})") from exc
     return parse_config(raw, listen)
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether only this machine can reach ``listen`` (HOST:PORT, [V6]:PORT or unix:PATH)."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = listen.rpartition(":")[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to anything: treat it as reachable.
+        return False
+
+
+def confined_beyond_loopback(config: SidecarConfig) -> SidecarConfig:
+    """A sidecar reachable from other machines with no roots set would let any caller make it
+    read any folder, so there both roots default to ./models."""
+    sec = config.security
+    if is_loopback(config.listen) or sec.adapter_roots or sec.model_roots:
+        return config
+    models = Path("models").resolve()
+    log.warning(
+        "listening beyond loopback with no security.adapterRoots or security.modelRoots: "
+        "confining both",
+        extra={"listen": config.listen, "root": str(models)},
+    )
+    security = replace(sec, adapter_roots=(models,), model_roots=(models,))
+    return replace(config, security=security)

@@ -13,18 +13,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
 from golem_sidecar.comparison import ComparedAnswer, CompareSpec, run_comparison
-from golem_sidecar.config import SidecarConfig
+from golem_sidecar.config import Security, SidecarConfig
 from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_STOP, Row, decode_batch
 from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.grading import Grade, grade
 from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, model_key, peft_name
+from golem_sidecar.paths import confine_model_name
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,17 @@ class ExamEngine:
         self._models = ResidentModels(config.security, config.limits.max_adapters)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="golem-model")
         self._queues: dict[BaseKey, BatchQueue] = {}
+        # Held by the worker while it runs a job; shutdown asks whether the worker is free.
+        self._running = threading.Lock()
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:
         # Carry the caller's context (its request id) into the worker thread's log lines.
         call = functools.partial(contextvars.copy_context().run, fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._worker, call)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._run, call)
+
+    def _run(self, call: Any) -> Any:
+        with self._running:
+            return call()
 
     async def take_exam(
         self,
@@ -298,16 +304,28 @@ class ExamEngine:
         await self._on_worker(self._preload_sync)
 
     def _preload_sync(self) -> None:
-        defaults = self._config.defaults
+        defaults, security = self._config.defaults, self._config.security
+        # Requests that leave model_name out are confined; so is the model they would get.
+        confine_model_name(defaults.model_name, security.model_roots)
         base, _ = self._models.base(defaults.model_name, self._default_placement())
-        adapter = _default_adapter(defaults.adapter_path, self._config.security.allow_pickle)
+        adapter = _default_adapter(defaults.adapter_path, security)
         if adapter is not None:
             self._models.adapter(base, adapter)
 
     async def close(self) -> None:
+        """Stops batching and drops queued jobs. Calls cut short by shutdown have already set
+        their rows' cancel flags, so a running batch lets them go at the next token."""
         for queue in self._queues.values():
             await queue.close()
         self._worker.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Whether the worker became free within ``timeout_s``; a model load cannot be
+        interrupted, so shutdown may have to leave without it."""
+        acquired = await asyncio.to_thread(self._running.acquire, True, timeout_s)
+        if acquired:
+            self._running.release()
+        return bool(acquired)
 
 
 def _threadsafe(
@@ -321,14 +339,17 @@ def _threadsafe(
     return on_model_thread
 
 
-def _default_adapter(path: str, allow_pickle: bool) -> AdapterFolder | None:
-    if not Path(path).expanduser().exists():
+def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
+    try:
+        return check_adapter_folder(path, security.allow_pickle, security.adapter_roots)
+    except GolemError as err:
+        if err.reason not in ("ADAPTER_NOT_FOUND", "PATH_OUTSIDE_ROOTS"):
+            raise
         log.warning(
-            "default adapter not found; requests must name one",
-            extra={"adapter": path},
+            "default adapter not usable; requests must name one",
+            extra={"adapter": path, "reason": err.reason},
         )
         return None
-    return check_adapter_folder(path, allow_pickle)
 
 
 def _check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:

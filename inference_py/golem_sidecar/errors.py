@@ -10,6 +10,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "golem.dev"
+# Messages echo callers' input (paths, names). The status travels in trailers, twice (grpc-message
+# percent-encoded, and grpc-status-details-bin), and gRPC clients drop a call whose trailers pass
+# 8-16 KiB, so a message is cut to this many UTF-8 bytes.
+MAX_MESSAGE_BYTES = 1024
 
 
 class GolemError(Exception):
@@ -24,6 +28,7 @@ class GolemError(Exception):
         metadata: dict[str, str] | None = None,
         retry_after_s: float | None = None,
     ) -> None:
+        message = _bounded(message)
         super().__init__(message)
         self.code = code
         self.reason = reason
@@ -53,6 +58,13 @@ class GolemError(Exception):
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(proto)
+
+
+def _bounded(text: str) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return text
+    return encoded[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "\u2026"
 
 
 def _pack(message: Message) -> any_pb2.Any:

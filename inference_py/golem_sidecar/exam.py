@@ -1,5 +1,6 @@
 """Turning a TakeExamRequest into a checked ExamSpec: defaults filled in, every field validated,
-the adapter folder checked. Cheap work only; nothing is loaded here."""
+the adapter folder checked and paths confined to the configured roots. Cheap work only; nothing
+is loaded here."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.errors import invalid_argument
 from golem_sidecar.gen import exam_pb2
+from golem_sidecar.paths import confine_model_name
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 from golem_sidecar.sampling import SamplingParams
 
@@ -43,6 +45,14 @@ def _text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
     return value
 
 
+def _path_text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
+    value = _text(request, field, default)
+    # No file system takes a NUL in a path; refused here rather than crashing a check later.
+    if "\x00" in value:
+        raise invalid_argument(field, "must not contain NUL characters")
+    return value
+
+
 def _max_new_tokens(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> int:
     if not request.HasField("max_new_tokens"):
         return config.defaults.max_new_tokens
@@ -70,8 +80,9 @@ def _quantization(request: exam_pb2.TakeExamRequest) -> QuantizationRequest:
 
 def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> ExamSpec:
     """Validates the request and fills left-out fields from the configured defaults."""
-    defaults = config.defaults
-    model_name = _text(request, "model_name", defaults.model_name)
+    defaults, security = config.defaults, config.security
+    model_name = _path_text(request, "model_name", defaults.model_name)
+    confine_model_name(model_name, security.model_roots)
     prompt = _text(request, "prompt", defaults.prompt)
     max_new_tokens = _max_new_tokens(request, config)
     placement = resolve_placement(
@@ -81,8 +92,8 @@ def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> Ex
     if request.HasField("adapter_name"):
         adapter_name = _adapter_name(request)
     elif not request.disable_adapter:
-        adapter_path = _text(request, "adapter_path", defaults.adapter_path)
-        adapter = check_adapter_folder(adapter_path, config.security.allow_pickle)
+        adapter_path = _path_text(request, "adapter_path", defaults.adapter_path)
+        adapter = check_adapter_folder(adapter_path, security.allow_pickle, security.adapter_roots)
     expected = request.expected_answer if request.HasField("expected_answer") else None
     return ExamSpec(
         model_name,

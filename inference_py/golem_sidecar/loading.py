@@ -16,29 +16,54 @@ from transformers import (
 )
 
 from golem_sidecar.config import Security
-from golem_sidecar.errors import failed_precondition, not_found
+from golem_sidecar.errors import GolemError, failed_precondition, not_found
+from golem_sidecar.paths import as_path, is_hub_id, kind
 from golem_sidecar.placement import Placement, quantization_failed
 
 log = logging.getLogger(__name__)
+_4BIT_FAILURES = (ImportError, RuntimeError, ValueError)
+# Out of memory is the machine's state, not the model's fault: it propagates as it is.
+_NOT_THE_MODEL = (MemoryError, torch.cuda.OutOfMemoryError)
 
 
 def _source(model_name: str) -> tuple[str, dict[str, Any]]:
-    """Where from_pretrained reads from, and the extra arguments that kind of source needs."""
-    path = Path(model_name).expanduser()
+    """Where from_pretrained reads from, and the extra arguments that kind of source needs.
+
+    MODEL_NOT_FOUND (NOT_FOUND) for a local path with nothing there, or a name that is neither
+    a local path nor shaped like a hub id."""
+    path = as_path(model_name)
     if model_name.endswith(".gguf"):
-        if not path.is_file():
+        if kind(path) != "file":
             raise not_found("model_name", "MODEL_NOT_FOUND", f'no GGUF file at "{model_name}"')
         return str(path.parent), {"gguf_file": path.name}
-    if path.is_dir():
+    if kind(path) == "dir":
+        _check_model_folder(path, model_name)
         return str(path), {}
-    if path.is_absolute() or model_name.startswith((".", "~")):
+    if not is_hub_id(model_name):
         raise not_found("model_name", "MODEL_NOT_FOUND", f'no model folder at "{model_name}"')
     return model_name, {}
 
 
+def _check_model_folder(folder: Path, model_name: str) -> None:
+    """A local folder must hold a model: MODEL_NOT_FOUND without a config.json, and
+    MODEL_INVALID (FAILED_PRECONDITION) for an adapter folder, which transformers would quietly
+    swap for the base its adapter_config.json names, wherever that is."""
+    if kind(folder / "adapter_config.json") is not None:
+        raise failed_precondition(
+            "model_name",
+            "MODEL_INVALID",
+            f'"{model_name}" is a PEFT adapter folder; give it as adapter_path and its base '
+            "as model_name",
+        )
+    if kind(folder / "config.json") != "file":
+        raise not_found(
+            "model_name", "MODEL_NOT_FOUND", f'"{model_name}" is a folder without config.json'
+        )
+
+
 def _check_no_pickle_only(source: str, security: Security) -> None:
     folder = Path(source)
-    if security.allow_pickle or not folder.is_dir():
+    if security.allow_pickle or kind(folder) != "dir":
         return
     if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
         raise failed_precondition(
@@ -56,8 +81,11 @@ def load_tokenizer(model_name: str, security: Security) -> PreTrainedTokenizerBa
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=security.trust_remote_code, **extra
         )
-    except OSError as exc:
-        raise _unreachable(model_name, exc) from exc
+    except Exception as exc:
+        refusal = _load_refusal(model_name, exc, None)
+        if refusal is None:
+            raise
+        raise refusal from exc
     if "gguf_file" in extra:
         _fill_special_tokens_from_gguf(tokenizer, Path(source) / extra["gguf_file"])
     if tokenizer.pad_token is None:
@@ -106,18 +134,61 @@ def load_model(model_name: str, placement: Placement, security: Security) -> Pre
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise _unreachable(model_name, exc) from exc
-    except (ImportError, RuntimeError, ValueError) as exc:
-        if placement.load_in_4bit:
-            raise quantization_failed(placement.device, exc) from exc
-        raise
+    except Exception as exc:
+        refusal = _load_refusal(model_name, exc, placement)
+        if refusal is None:
+            raise
+        raise refusal from exc
     model.eval()
     return model
 
 
-def _unreachable(model_name: str, exc: OSError) -> Exception:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _load_refusal(
+    model_name: str, exc: Exception, placement: Placement | None
+) -> GolemError | None:
+    """What a failed from_pretrained means to the caller; None for running out of memory, which
+    propagates as it is (the servicer answers RESOURCE_EXHAUSTED)."""
+    if isinstance(exc, OSError):
+        return _unreachable(model_name, exc)
+    refused = _remote_code_refused(model_name, exc)
+    if refused is not None:
+        return refused
+    if isinstance(exc, _NOT_THE_MODEL):
+        return None
+    if placement is not None and placement.load_in_4bit and isinstance(exc, _4BIT_FAILURES):
+        return quantization_failed(placement.device, exc)
+    # MODEL_INVALID (FAILED_PRECONDITION): the files are there but are no loadable causal LM.
+    # from_pretrained says so in many types (ValueError, KeyError, SafetensorError,
+    # huggingface_hub's config validation errors, ...), so every other failure means this.
+    return failed_precondition(
+        "model_name",
+        "MODEL_INVALID",
+        f'"{model_name}" could not be loaded as a causal language model: '
+        f"{type(exc).__name__}: {_first_line(exc)}",
+    )
+
+
+def _remote_code_refused(model_name: str, exc: Exception) -> GolemError | None:
+    """MODEL_REMOTE_CODE_REFUSED (FAILED_PRECONDITION): the model's config maps it to code shipped
+    with the model (``auto_map``) and security.trustRemoteCode is off, so transformers refused
+    to run it. None when ``exc`` is some other failure."""
+    if not isinstance(exc, ValueError) or "trust_remote_code" not in str(exc):
+        return None
+    return failed_precondition(
+        "model_name",
+        "MODEL_REMOTE_CODE_REFUSED",
+        f'"{model_name}" needs code shipped with the model to load, which is never run unless '
+        "security.trustRemoteCode is set in the config",
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unreachable(model_name: str, exc: OSError) -> GolemError:
+    first_line = _first_line(exc)
     return not_found(
         "model_name",
         "MODEL_NOT_FOUND",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Set
@@ -18,13 +19,20 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from golem_sidecar.adapters import AdapterFolder
+from golem_sidecar.adapters import AdapterFolder, missing_targets
 from golem_sidecar.config import Security
-from golem_sidecar.errors import failed_precondition, not_found
+from golem_sidecar.errors import GolemError, failed_precondition, not_found
 from golem_sidecar.loading import load_model, load_tokenizer
+from golem_sidecar.paths import as_path, kind
 from golem_sidecar.placement import Placement
 
 log = logging.getLogger(__name__)
+# torch's load_state_dict wording, stable since torch 1.0: one line per tensor that differs.
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<name>\S+): copying a param with shape "
+    r"torch\.Size\(\[(?P<got>[^\]]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[(?P<want>[^\]]*)\]\)"
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +77,8 @@ def peft_name(name: str) -> str:
 
 def model_key(model_name: str) -> str:
     """Local paths are keyed by their absolute form, so "./m" and "m" share one base."""
-    path = Path(model_name).expanduser()
-    return str(path.resolve()) if path.exists() else model_name
+    path = as_path(model_name)
+    return str(path.resolve()) if kind(path) is not None else model_name
 
 
 class ResidentModels:
@@ -185,6 +193,15 @@ class ResidentModels:
                 self.unload(base, name)
 
     def _attach(self, base: ResidentBase, folder: AdapterFolder, name: str) -> None:
+        """Attaches the adapter, or raises ADAPTER_INCOMPATIBLE (FAILED_PRECONDITION) naming what
+        differs: target modules the base lacks (checked before peft touches the base), or
+        tensors whose shapes differ from the base's (peft finds those while loading; the
+        half-attached adapter is then undone)."""
+        missing = missing_targets(folder, _module_names(base.model))
+        if missing:
+            raise _incompatible(
+                folder, base, f"it targets modules the base lacks: {', '.join(missing)}"
+            )
         first = not isinstance(base.model, PeftModel)
         try:
             if first:
@@ -198,11 +215,7 @@ class ResidentModels:
                 base.model.load_adapter(str(folder.resolved), adapter_name=peft_name(name))
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             self._undo_attach(base, name, first)
-            raise failed_precondition(
-                "adapter_path",
-                "ADAPTER_INCOMPATIBLE",
-                f'"{folder.path}" cannot be applied to "{base.model_name}": {_first_line(exc)}',
-            ) from exc
+            raise _incompatible(folder, base, _what_differs(exc, peft_name(name))) from exc
         base.model.eval()
 
     def _undo_attach(self, base: ResidentBase, name: str, first: bool) -> None:
@@ -212,6 +225,39 @@ class ResidentModels:
             self._bases = {k: v for k, v in self._bases.items() if v is not base}
         elif peft_name(name) in base.model.peft_config:
             base.model.delete_adapter(peft_name(name))
+
+
+def _module_names(model: Any) -> list[str]:
+    # The bare base's names, as target_modules are written against them.
+    bare = model.get_base_model() if isinstance(model, PeftModel) else model
+    return [module_name for module_name, _ in bare.named_modules()]
+
+
+def _incompatible(folder: AdapterFolder, base: ResidentBase, why: str) -> GolemError:
+    return failed_precondition(
+        "adapter_path",
+        "ADAPTER_INCOMPATIBLE",
+        f'"{folder.path}" cannot be applied to "{base.model_name}": {why}',
+    )
+
+
+def _what_differs(exc: BaseException, adapter_name: str) -> str:
+    """The first module whose adapter tensor has another shape than the base needs, and how many
+    more tensors differ; otherwise the error's first line."""
+    mismatches = list(_SIZE_MISMATCH.finditer(str(exc)))
+    if not mismatches:
+        return _first_line(exc)
+    first = mismatches[0]
+    # "base_model.model.<module>.<peft tensor>.<adapter name>.weight"
+    name = first["name"].removeprefix("base_model.model.")
+    owner, _, suffix = name.partition(f".{adapter_name}.")
+    module, _, tensor = owner.rpartition(".")
+    tensor = f"{tensor}.{suffix}" if suffix else tensor
+    more = f"; {len(mismatches) - 1} more tensors differ" if len(mismatches) > 1 else ""
+    return (
+        f"it was made for another base: in module {module}, {tensor} has shape "
+        f"[{first['got']}] in the adapter but the base needs [{first['want']}]{more}"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
-from golem_sidecar.config import SidecarConfig
+from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
 from golem_sidecar.decoding import FINISH_EOS, FINISH_LENGTH, FINISH_STOP
 from golem_sidecar.engine import ExamEngine, ExamResult
 from golem_sidecar.errors import GolemError
@@ -25,9 +25,12 @@ from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.logs import REQUEST_ID
 from golem_sidecar.models import ResidentBase
+from golem_sidecar.shutdown import CallGate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# After the last call has answered, how long the transport gets to deliver those answers.
+_FLUSH_S = 1.0
 SERVICE_NAME = exam_pb2.DESCRIPTOR.services_by_name["ExamService"].full_name
 _FINISH_REASONS = {
     FINISH_LENGTH: exam_pb2.FINISH_REASON_LENGTH,
@@ -41,9 +44,10 @@ _GRADE_RULES = {
 
 
 class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
-    def __init__(self, config: SidecarConfig, engine: ExamEngine) -> None:
+    def __init__(self, config: SidecarConfig, engine: ExamEngine, gate: CallGate) -> None:
         self._config = config
         self._engine = engine
+        self._gate = gate
 
     async def TakeExam(
         self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
@@ -79,7 +83,10 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
 
         async def load() -> exam_pb2.LoadAdapterResponse:
             name = check_adapter_name("name", request.name)
-            folder = check_adapter_folder(request.adapter_path, self._config.security.allow_pickle)
+            security = self._config.security
+            folder = check_adapter_folder(
+                request.adapter_path, security.allow_pickle, security.adapter_roots
+            )
             model = request.model_name if request.HasField("model_name") else None
             base, attached, load_ns = await self._engine.load_adapter(name, folder, model)
             resident = _resident(base, attached, base.adapters[attached], base.uses[attached])
@@ -131,7 +138,9 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
     async def _guarded(self, work: Awaitable[T]) -> T | GolemError:
         """Runs one call's work; every failure becomes the GolemError the caller receives."""
         try:
-            return await work
+            # Shutdown refuses new calls here, and ends those still running when grace is over.
+            with self._gate.admit():
+                return await self._gate.until_expiry(work)
         except GolemError as err:
             log.warning(
                 "call refused",
@@ -267,12 +276,21 @@ class Sidecar:
     """A running sidecar: the server, its health and its engine."""
 
     def __init__(self, config: SidecarConfig) -> None:
+        config = confined_beyond_loopback(config)
         self.config = config
         self.engine = ExamEngine(config)
+        self.gate = CallGate()
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        size = config.limits.max_message_bytes
+        # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before parsing any of it.
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ]
+        )
         exam_pb2_grpc.add_ExamServiceServicer_to_server(
-            ExamServicer(config, self.engine), self.server
+            ExamServicer(config, self.engine, self.gate), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -295,6 +313,11 @@ class Sidecar:
         log.info("sidecar serving", extra={"model": self.config.defaults.model_name})
 
     async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING first, so balancers look elsewhere; then new calls are refused and
+        those in flight get ``grace`` seconds before they end with SHUTTING_DOWN."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        cut_short = await self.gate.close(grace)
+        if cut_short:
+            log.warning("calls ended by shutdown", extra={"calls": cut_short, "grace_s": grace})
+        await self.server.stop(_FLUSH_S)
         await self.engine.close()

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarConfig
 from golem_sidecar.gen import exam_pb2_grpc
 from golem_sidecar.server import Sidecar
+from tests.bad_inputs import build_bad_inputs
 from tests.tiny_models import build_all
 
 CAP = 64
@@ -24,6 +25,12 @@ CAP = 64
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Paths of a tiny Llama (model), and two LoRA adapters for it (adapter, adapter_b)."""
     return build_all(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def bad(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Broken, foreign and root-escaping models and adapters (see tests/bad_inputs.py)."""
+    return build_bad_inputs(tiny, tmp_path_factory.mktemp("bad"))
 
 
 def tiny_config(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -15,8 +17,9 @@ from transformers import AutoTokenizer
 
 from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError
-from golem_sidecar.loading import _fill_special_tokens_from_gguf, load_model
+from golem_sidecar.loading import _fill_special_tokens_from_gguf, load_model, load_tokenizer
 from golem_sidecar.placement import Placement
+from tests.bad_inputs import build_remote_code_model
 
 CPU = Placement(device="cpu", dtype="float32", load_in_4bit=False)
 
@@ -84,3 +87,75 @@ def test_sidecar_exits_1_when_the_default_model_cannot_load(tmp_path: Path) -> N
     assert done.returncode == 1
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert any(line.get("reason") == "MODEL_NOT_FOUND" for line in lines)
+
+
+def _refused(fn: Callable[[], object]) -> GolemError:
+    with pytest.raises(GolemError) as info:
+        fn()
+    return info.value
+
+
+def test_model_code_shipped_with_a_model_is_never_run(tiny: dict[str, str], tmp_path: Path) -> None:
+    folder, marker = build_remote_code_model(tiny["model"], tmp_path / "custom")
+    load_tokenizer(str(folder), Security())  # its tokenizer is a plain one: it loads
+    err = _refused(lambda: load_model(str(folder), CPU, Security()))
+    assert (err.code, err.reason, err.field) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_REMOTE_CODE_REFUSED",
+        "model_name",
+    )
+    assert "security.trustRemoteCode" in err.message
+    assert not marker.exists(), "the model's own code ran"
+
+
+def test_a_known_architecture_with_an_auto_map_loads_without_its_code(
+    tiny: dict[str, str], tmp_path: Path
+) -> None:
+    folder, marker = build_remote_code_model(tiny["model"], tmp_path / "llama_with_code")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_model(str(folder), CPU, Security())
+    assert type(model).__module__.startswith("transformers.models.llama")
+    assert not marker.exists(), "the model's own code ran"
+
+
+def test_the_marker_shows_when_remote_code_does_run(tiny: dict[str, str], tmp_path: Path) -> None:
+    """The control for the two tests above: trusted, the same folder does run its code (in a
+    child process, so the dynamic module stays out of this one)."""
+    folder, marker = build_remote_code_model(tiny["model"], tmp_path / "trusted")
+    script = (
+        "import sys\n"
+        "from golem_sidecar.config import Security\n"
+        "from golem_sidecar.loading import load_model\n"
+        "from golem_sidecar.placement import Placement\n"
+        "load_model(sys.argv[1], Placement('cpu', 'float32', False), "
+        "Security(trust_remote_code=True))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.exists()
+
+
+def test_hub_ids_are_looked_up_offline_without_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("network use in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    err = _refused(lambda: load_tokenizer("golem-test/not-cached", Security()))
+    assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
+    assert attempts == []

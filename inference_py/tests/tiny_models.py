@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 SEED_PROMPT = "Instruction: Which genre is the hobbit?\nResponse:"
 _CORPUS = [
@@ -88,6 +94,31 @@ def build_adapter(model_dir: Path, out: Path, seed: int, rank: int = 8) -> Path:
                 param.mul_(20.0)
     peft_model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_foreign_adapters(root: Path) -> dict[str, str]:
+    """Real LoRA adapters made for other bases than build_model's: one on a Llama of another
+    hidden size (same module names, other shapes), one on a GPT-2 (modules the Llama lacks)."""
+    narrow = build_model(root / "model_narrow", seed=3, hidden_size=32)
+    other_size = build_adapter(narrow, root / "adapter_other_size", seed=4)
+    torch.manual_seed(5)
+    gpt2_dir = root / "model_gpt2"
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=320,
+            n_positions=64,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    gpt2.save_pretrained(gpt2_dir, safe_serialization=True)
+    lora = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    other_arch = root / "adapter_other_arch"
+    get_peft_model(gpt2, lora).save_pretrained(other_arch, safe_serialization=True)
+    return {"adapter_other_size": str(other_size), "adapter_other_arch": str(other_arch)}
 
 
 def build_all(root: Path) -> dict[str, str]:
