@@ -49,6 +49,14 @@ class Limits:
 
     # A larger max_new_tokens is refused with INVALID_ARGUMENT, never clamped.
     max_new_tokens_cap: int = 512
+    # Requests decoded together in one batch, at most.
+    max_batch_size: int = 32
+    # How long the first request of a batch waits for others to join.
+    batch_wait_ms: int = 5
+    # Requests waiting per base model; beyond it, RESOURCE_EXHAUSTED at once.
+    max_queue: int = 256
+    # Adapters kept attached per base; beyond it the least recently used is evicted.
+    max_adapters: int = 8
     # On SIGTERM/SIGINT, calls in flight get this long to finish before they are ended with
     # UNAVAILABLE (reason SHUTTING_DOWN).
     shutdown_grace_ms: int = 10_000
@@ -169,10 +177,18 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
     lim = _section(raw, "limits")
     limits = Limits(
         max_new_tokens_cap=_get(lim, "maxNewTokensCap", "limits", int, Limits.max_new_tokens_cap),
+        max_batch_size=_get(lim, "maxBatchSize", "limits", int, Limits.max_batch_size),
+        batch_wait_ms=_get(lim, "batchWaitMs", "limits", int, Limits.batch_wait_ms),
+        max_queue=_get(lim, "maxQueue", "limits", int, Limits.max_queue),
+        max_adapters=_get(lim, "maxAdapters", "limits", int, Limits.max_adapters),
         shutdown_grace_ms=_get(lim, "shutdownGraceMs", "limits", int, Limits.shutdown_grace_ms),
         max_message_bytes=_get(lim, "maxMessageBytes", "limits", int, Limits.max_message_bytes),
     )
     _within(limits, "maxNewTokensCap", "max_new_tokens_cap", 1)
+    _within(limits, "maxBatchSize", "max_batch_size", 1)
+    _within(limits, "batchWaitMs", "batch_wait_ms", 0)
+    _within(limits, "maxQueue", "max_queue", 1)
+    _within(limits, "maxAdapters", "max_adapters", 1)
     _within(limits, "shutdownGraceMs", "shutdown_grace_ms", 0)
     # Below this even an ordinary answer or error status would not fit.
     _within(limits, "maxMessageBytes", "max_message_bytes", 4096)

@@ -1,5 +1,6 @@
-"""The model worker: every load and generate runs on one dedicated thread, so the asyncio loop
-stays free (health checks answer during a generation) and the resident models need no locks."""
+"""The model worker: requests are batched per base model (batching.py), and every load and
+decode runs on one dedicated thread, so the asyncio loop stays free (health checks answer during
+a generation) and the resident models need no locks."""
 
 from __future__ import annotations
 
@@ -9,22 +10,36 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
+from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
+from golem_sidecar.comparison import ComparedAnswer, CompareSpec, run_comparison
 from golem_sidecar.config import Security, SidecarConfig
+from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_STOP, Row, decode_batch
 from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
-from golem_sidecar.generation import Generation, encode_prompt, generate
 from golem_sidecar.grading import Grade, grade
-from golem_sidecar.models import ResidentBase, ResidentModels
+from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, model_key, peft_name
 from golem_sidecar.paths import confine_model_name
-from golem_sidecar.placement import QuantizationRequest, resolve_placement
+from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What decoding produced for one request."""
+
+    answer: str
+    full_text: str
+    prompt_tokens: int
+    answer_tokens: int
+    finish_reason: str
+    generate_ns: int
 
 
 @dataclass(frozen=True)
@@ -36,20 +51,40 @@ class ExamResult:
     grade: Grade | None
     load_ns: int
     queue_ns: int
+    batch_size: int
+    # The adapter really worn; None for the bare base.
+    adapter: AdapterFolder | None = None
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A pending request with its base and adapter ready and its prompt encoded."""
+
+    pending: Pending
+    row: Row
+    load_ns: int
+    queue_ns: int
+    adapter: AdapterFolder | None
 
 
 class ExamEngine:
-    """Runs exams on the resident models, one at a time on the model thread."""
+    """Runs exams on the resident models: batched per base, decoded on the model thread."""
 
     def __init__(self, config: SidecarConfig) -> None:
         self._config = config
-        self._models = ResidentModels(config.security)
+        self._limits = BatchLimits(
+            max_batch_size=config.limits.max_batch_size,
+            batch_wait_s=config.limits.batch_wait_ms / 1000,
+            max_queue=config.limits.max_queue,
+        )
+        self._models = ResidentModels(config.security, config.limits.max_adapters)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="golem-model")
+        self._queues: dict[BaseKey, BatchQueue] = {}
         # Held by the worker while it runs a job; shutdown asks whether the worker is free.
         self._running = threading.Lock()
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:
-        # Carry the request's context (its request id) into the worker thread's log lines.
+        # Carry the caller's context (its request id) into the worker thread's log lines.
         call = functools.partial(contextvars.copy_context().run, fn, *args)
         return await asyncio.get_running_loop().run_in_executor(self._worker, self._run, call)
 
@@ -57,43 +92,210 @@ class ExamEngine:
         with self._running:
             return call()
 
-    async def take_exam(self, spec: ExamSpec, cancelled: threading.Event) -> ExamResult:
-        """Answers one exam; if the calling task is cancelled, the generation stops too."""
-        queued_at = time.perf_counter_ns()
+    async def take_exam(
+        self,
+        spec: ExamSpec,
+        cancelled: threading.Event,
+        on_text: Callable[[str], None] | None = None,
+    ) -> ExamResult:
+        """Answers one exam in the next batch of its base. If the calling task is cancelled, its
+        row leaves the batch at the next token and the other rows carry on."""
+        key = BaseKey(model_key(spec.model_name), spec.placement)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = BatchQueue(self._limits, self._run_batch)
+        loop = asyncio.get_running_loop()
+        streamed = None if on_text is None else _threadsafe(loop, on_text)
+        pending = Pending(spec, cancelled, loop.create_future(), streamed)
+        queue.submit(pending)
         try:
-            result: ExamResult = await self._on_worker(
-                self._take_exam_sync, spec, cancelled, queued_at
-            )
+            result: ExamResult = await pending.future
         except asyncio.CancelledError:
             cancelled.set()
             raise
         return result
 
-    def _take_exam_sync(
-        self, spec: ExamSpec, cancelled: threading.Event, queued_at: int
-    ) -> ExamResult:
-        queue_ns = time.perf_counter_ns() - queued_at
-        if cancelled.is_set():
-            raise caller_gone()
-        base, load_ns = self._models.base(spec.model_name, spec.placement)
-        adapter_name = None
-        if spec.adapter is not None:
-            adapter_name, adapter_ns = self._models.adapter(base, spec.adapter)
-            load_ns += adapter_ns
-        encoded = encode_prompt(base.tokenizer, spec.prompt, base.input_device)
-        _check_context(base, int(encoded["input_ids"].shape[1]), spec.max_new_tokens)
-        with base.wearing(adapter_name) as model:
-            generation = generate(model, base.tokenizer, encoded, spec.max_new_tokens, cancelled)
-        graded = grade(generation.answer, spec.expected_answer) if spec.expected_answer else None
+    async def _run_batch(self, batch: list[Pending]) -> None:
+        outcomes = await self._on_worker(self._run_batch_sync, batch)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+
+    def _run_batch_sync(self, batch: list[Pending]) -> list[ExamResult | BaseException]:
+        started = time.perf_counter_ns()
+        outcomes: dict[int, ExamResult | BaseException] = {}
+        spec = batch[0].spec
+        try:
+            base, base_ns = self._models.base(spec.model_name, spec.placement)
+            prepared = self._prepare(base, batch, started, base_ns, outcomes)
+        except GolemError as err:
+            return [err for _ in batch]
+        if prepared:
+            rows = [p.row for p in prepared]
+            decode_started = time.perf_counter_ns()
+            decode_batch(base.model, base.tokenizer, rows, base.input_device, base.is_peft)
+            decode_ns = time.perf_counter_ns() - decode_started
+            for item in prepared:
+                outcomes[id(item.pending)] = self._result(base, item, decode_ns, len(rows))
+        return [outcomes[id(p)] for p in batch]
+
+    def _prepare(
+        self,
+        base: ResidentBase,
+        batch: list[Pending],
+        started: int,
+        base_ns: int,
+        outcomes: dict[int, ExamResult | BaseException],
+    ) -> list[_Prepared]:
+        """Attaches each request's adapter and encodes its prompt; a request that fails here
+        fails alone, the rest of the batch goes on."""
+        prepared = []
+        pinned: set[str] = set()
+        for pending in batch:
+            try:
+                adapter_name, adapter_ns = self._adapter_for(base, pending.spec, pinned)
+                row = self._row(base, pending, adapter_name)
+                folder = base.adapters[adapter_name] if adapter_name else None
+            except GolemError as err:
+                outcomes[id(pending)] = err
+                continue
+            queue_ns = started - pending.queued_at
+            prepared.append(_Prepared(pending, row, base_ns + adapter_ns, queue_ns, folder))
+        if not self._models.is_resident(base):
+            # A failed first attach can leave layers injected into the base, which is then
+            # dropped: the others must not decode on it, so this batch is prepared again.
+            retry = [p.pending for p in prepared]
+            fresh, reload_ns = self._models.base(base.model_name, base.placement)
+            return self._prepare(fresh, retry, started, base_ns + reload_ns, outcomes)
+        return prepared
+
+    def _adapter_for(
+        self, base: ResidentBase, spec: ExamSpec, pinned: set[str]
+    ) -> tuple[str | None, int]:
+        """The adapter a request wears (None: the bare base), attached if need be. Adapters of
+        the batch being prepared are pinned: attaching one never evicts another."""
+        if spec.adapter_name is not None:
+            name, load_ns = self._models.named(base, spec.adapter_name), 0
+        elif spec.adapter is not None:
+            name, load_ns = self._models.adapter(base, spec.adapter, pinned=pinned)
+        else:
+            return None, 0
+        pinned.add(name)
+        return name, load_ns
+
+    def _row(self, base: ResidentBase, pending: Pending, adapter: str | None) -> Row:
+        spec = pending.spec
+        prompt_ids = list(base.tokenizer(spec.prompt)["input_ids"])
+        _check_context(base, len(prompt_ids), spec.max_new_tokens)
+        return Row(
+            prompt_ids=prompt_ids,
+            adapter=peft_name(adapter) if adapter else None,
+            max_new_tokens=spec.max_new_tokens,
+            cancelled=pending.cancelled,
+            params=spec.sampling,
+            stop=spec.stop,
+            on_text=pending.on_text,
+        )
+
+    def _result(
+        self, base: ResidentBase, item: _Prepared, decode_ns: int, batch_size: int
+    ) -> ExamResult | BaseException:
+        row, spec = item.row, item.pending.spec
+        if row.finish_reason == FINISH_CANCELLED:
+            # Nobody reads the answer; the log shows how early the generation stopped.
+            log.info(
+                "exam cancelled while decoding",
+                extra={"answer_tokens": len(row.generated), "max_new_tokens": spec.max_new_tokens},
+            )
+            return caller_gone()
+        decode = base.tokenizer.decode
+        if row.finish_reason == FINISH_STOP:
+            full_text = str(decode(row.prompt_ids, skip_special_tokens=True)) + row.answer
+        else:
+            full_text = str(decode(row.prompt_ids + row.generated, skip_special_tokens=True))
+        generation = Generation(
+            answer=row.answer,
+            full_text=full_text,
+            prompt_tokens=len(row.prompt_ids),
+            answer_tokens=len(row.generated),
+            finish_reason=row.finish_reason,
+            generate_ns=decode_ns,
+        )
+        graded = grade(row.answer, spec.expected_answer) if spec.expected_answer else None
         return ExamResult(
             spec=spec,
             device=str(base.input_device),
             dtype=base.weight_dtype,
             generation=generation,
             grade=graded,
-            load_ns=load_ns,
-            queue_ns=queue_ns,
+            load_ns=item.load_ns,
+            queue_ns=item.queue_ns,
+            batch_size=batch_size,
+            adapter=item.adapter,
         )
+
+    def _default_placement(self) -> Placement:
+        defaults = self._config.defaults
+        return resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
+
+    async def load_adapter(
+        self, name: str, folder: AdapterFolder, model_name: str | None
+    ) -> tuple[ResidentBase, str, int]:
+        """Attaches an adapter under a name (on the model thread, between batches)."""
+        model = model_name or self._config.defaults.model_name
+
+        def load() -> tuple[ResidentBase, str, int]:
+            base, base_ns = self._models.base(model, self._default_placement())
+            attached, load_ns = self._models.adapter(base, folder, name=name)
+            return base, attached, base_ns + load_ns
+
+        result: tuple[ResidentBase, str, int] = await self._on_worker(load)
+        return result
+
+    async def unload_adapter(self, name: str, model_name: str | None) -> None:
+        """Detaches a named adapter once the batch running now (if any) has finished."""
+        key = BaseKey(
+            model_key(model_name or self._config.defaults.model_name), self._default_placement()
+        )
+
+        def unload() -> None:
+            base = self._models.find(key)
+            if base is None:
+                raise self._models.not_loaded(name, key.model)
+            self._models.unload(base, name)
+
+        await self._on_worker(unload)
+
+    async def list_adapters(self) -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
+        def listing() -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
+            return [
+                (base, name, folder, base.uses[name])
+                for base in self._models.resident()
+                for name, folder in base.adapters.items()
+            ]
+
+        result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(listing)
+        return result
+
+    async def compare(
+        self, spec: CompareSpec, cancelled: threading.Event
+    ) -> list[list[ComparedAnswer]]:
+        """Base and adapters on the same prompts, in one batched pass on the model thread."""
+
+        def comparing() -> list[list[ComparedAnswer]]:
+            base, _ = self._models.base(spec.model_name, spec.placement)
+            return run_comparison(self._models, base, spec, cancelled, self._limits.max_batch_size)
+
+        try:
+            result: list[list[ComparedAnswer]] = await self._on_worker(comparing)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return result
 
     async def preload(self) -> None:
         """Loads the default base, and the default adapter when its folder exists, so the first
@@ -105,15 +307,16 @@ class ExamEngine:
         defaults, security = self._config.defaults, self._config.security
         # Requests that leave model_name out are confined; so is the model they would get.
         confine_model_name(defaults.model_name, security.model_roots)
-        placement = resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
-        base, _ = self._models.base(defaults.model_name, placement)
+        base, _ = self._models.base(defaults.model_name, self._default_placement())
         adapter = _default_adapter(defaults.adapter_path, security)
         if adapter is not None:
             self._models.adapter(base, adapter)
 
-    def close(self) -> None:
-        """Drops queued jobs. Calls cut short by shutdown have already set their generations'
-        cancel flags, so a running generation stops at its next token."""
+    async def close(self) -> None:
+        """Stops batching and drops queued jobs. Calls cut short by shutdown have already set
+        their rows' cancel flags, so a running batch lets them go at the next token."""
+        for queue in self._queues.values():
+            await queue.close()
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -123,6 +326,17 @@ class ExamEngine:
         if acquired:
             self._running.release()
         return bool(acquired)
+
+
+def _threadsafe(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[str], None]
+) -> Callable[[str], None]:
+    """Streaming callbacks fire on the model thread; the caller's queue lives on the loop."""
+
+    def on_model_thread(text: str) -> None:
+        loop.call_soon_threadsafe(fn, text)
+
+    return on_model_thread
 
 
 def _default_adapter(path: str, security: Security) -> AdapterFolder | None:

@@ -4,7 +4,8 @@ with an UPPER_SNAKE reason and, for a bad field, one BadRequest naming it."""
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -25,6 +26,7 @@ class GolemError(Exception):
         message: str,
         field: str | None = None,
         metadata: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         message = _bounded(message)
         super().__init__(message)
@@ -33,6 +35,8 @@ class GolemError(Exception):
         self.message = message
         self.field = field
         self.metadata = metadata or {}
+        # Sent as a google.rpc.RetryInfo: how long a caller should back off before retrying.
+        self.retry_after_s = retry_after_s
 
     def to_status(self) -> grpc.Status:
         """The status the servicer aborts with; details ride in grpc-status-details-bin."""
@@ -48,6 +52,10 @@ class GolemError(Exception):
                 field=self.field, description=self.message
             )
             details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+        if self.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         proto = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(proto)
 
@@ -59,7 +67,7 @@ def _bounded(text: str) -> str:
     return encoded[: MAX_MESSAGE_BYTES - 3].decode("utf-8", "ignore") + "\u2026"
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

@@ -4,7 +4,8 @@ is loaded here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.config import SidecarConfig
@@ -12,6 +13,10 @@ from golem_sidecar.errors import invalid_argument
 from golem_sidecar.gen import exam_pb2
 from golem_sidecar.paths import confine_model_name
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
+from golem_sidecar.sampling import SamplingParams
+
+MAX_STOPS = 8
+MAX_STOP_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -19,12 +24,16 @@ class ExamSpec:
     """One exam question, fully resolved."""
 
     model_name: str
-    # None when the caller asked for the bare base (disable_adapter).
+    # None when the caller asked for the bare base (disable_adapter) or named an adapter.
     adapter: AdapterFolder | None
     prompt: str
     max_new_tokens: int
     placement: Placement
     expected_answer: str | None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    # A registered adapter (LoadAdapter), used instead of a path.
+    adapter_name: str | None = None
 
 
 def _text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
@@ -79,9 +88,85 @@ def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> Ex
     placement = resolve_placement(
         _text(request, "device", defaults.device), _quantization(request), defaults.quantization
     )
-    adapter = None
-    if not request.disable_adapter:
+    adapter, adapter_name = None, None
+    if request.HasField("adapter_name"):
+        adapter_name = _adapter_name(request)
+    elif not request.disable_adapter:
         adapter_path = _path_text(request, "adapter_path", defaults.adapter_path)
         adapter = check_adapter_folder(adapter_path, security.allow_pickle, security.adapter_roots)
     expected = request.expected_answer if request.HasField("expected_answer") else None
-    return ExamSpec(model_name, adapter, prompt, max_new_tokens, placement, expected)
+    return ExamSpec(
+        model_name,
+        adapter,
+        prompt,
+        max_new_tokens,
+        placement,
+        expected,
+        _sampling(request),
+        _stop(request),
+        adapter_name,
+    )
+
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def check_adapter_name(field_name: str, name: str) -> str:
+    """Adapter names become peft module keys: a letter, then letters, digits, _ or -."""
+    if not ADAPTER_NAME.match(name):
+        raise invalid_argument(
+            field_name,
+            f'"{name}" is not a valid adapter name (a letter, then up to 63 of '
+            "letters, digits, _ and -)",
+        )
+    return name
+
+
+def _adapter_name(request: exam_pb2.TakeExamRequest) -> str:
+    if request.HasField("adapter_path"):
+        raise invalid_argument("adapter_name", "cannot be combined with adapter_path")
+    if request.disable_adapter:
+        raise invalid_argument("adapter_name", "cannot be combined with disable_adapter")
+    return check_adapter_name("adapter_name", request.adapter_name)
+
+
+def _bounded(
+    request: exam_pb2.TakeExamRequest, field: str, low: float, high: float, *, open_low: bool
+) -> float | None:
+    if not request.HasField(field):
+        return None
+    value = float(getattr(request, field))
+    too_low = value <= low if open_low else value < low
+    # NaN fails both comparisons, so it is caught by the explicit check.
+    if too_low or value > high or value != value:
+        bracket = "(" if open_low else "["
+        raise invalid_argument(field, f"must be in {bracket}{low:g}, {high:g}], got {value:g}")
+    return value
+
+
+def _sampling(request: exam_pb2.TakeExamRequest) -> SamplingParams:
+    temperature = _bounded(request, "temperature", 0.0, 100.0, open_low=False)
+    top_p = _bounded(request, "top_p", 0.0, 1.0, open_low=True)
+    penalty = _bounded(request, "repetition_penalty", 0.0, 10.0, open_low=True)
+    top_k = request.top_k if request.HasField("top_k") else 0
+    if top_k < 0:
+        raise invalid_argument("top_k", f"must be 0 (all tokens) or more, got {top_k}")
+    return SamplingParams(
+        temperature=temperature or 0.0,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k,
+        seed=request.seed if request.HasField("seed") else None,
+        repetition_penalty=1.0 if penalty is None else penalty,
+    )
+
+
+def _stop(request: exam_pb2.TakeExamRequest) -> tuple[str, ...]:
+    stops = tuple(request.stop)
+    if len(stops) > MAX_STOPS:
+        raise invalid_argument("stop", f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+    for stop in stops:
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise invalid_argument(
+                "stop", f"each stop sequence must be 1..{MAX_STOP_CHARS} characters"
+            )
+    return stops

@@ -6,11 +6,12 @@ Only the model worker thread (see engine.py) calls into this module, so it needs
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from golem_sidecar.adapters import AdapterFolder, missing_targets
 from golem_sidecar.config import Security
-from golem_sidecar.errors import GolemError, failed_precondition
+from golem_sidecar.errors import GolemError, failed_precondition, not_found
 from golem_sidecar.loading import load_model, load_tokenizer
 from golem_sidecar.paths import as_path, kind
 from golem_sidecar.placement import Placement
@@ -47,30 +48,31 @@ class ResidentBase:
     model_name: str
     placement: Placement
     tokenizer: PreTrainedTokenizerBase
-    # The plain model until the first adapter is attached, a PeftModel from then on.
+    # The plain model while no adapter is attached, a PeftModel while any is.
     model: Any
-    # Resolved adapter folder -> (peft adapter name, the checked folder).
-    adapters: dict[Path, tuple[str, AdapterFolder]] = field(default_factory=dict)
+    # Adapter name -> its folder, least recently used first.
+    adapters: OrderedDict[str, AdapterFolder] = field(default_factory=OrderedDict)
+    # Resolved folder -> adapter name, so a path names the adapter loaded from it.
+    by_path: dict[Path, str] = field(default_factory=dict)
+    uses: Counter[str] = field(default_factory=Counter)
 
     @property
     def input_device(self) -> Any:
         return self.model.get_input_embeddings().weight.device
 
     @property
+    def is_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    @property
     def weight_dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
 
-    @contextlib.contextmanager
-    def wearing(self, adapter_name: str | None) -> Iterator[Any]:
-        """The model with exactly this adapter active, or with every adapter disabled (None)."""
-        if adapter_name is not None:
-            self.model.set_adapter(adapter_name)
-            yield self.model
-        elif isinstance(self.model, PeftModel):
-            with self.model.disable_adapter():
-                yield self.model
-        else:
-            yield self.model
+
+def peft_name(name: str) -> str:
+    """The name an adapter has inside peft. A prefix keeps registry names such as "a" from
+    clashing with peft's own parameter prefixes ("lora_"), which would corrupt loading."""
+    return f"golem_{name}"
 
 
 def model_key(model_name: str) -> str:
@@ -82,9 +84,11 @@ def model_key(model_name: str) -> str:
 class ResidentModels:
     """The bases and adapters this sidecar keeps in memory."""
 
-    def __init__(self, security: Security) -> None:
+    def __init__(self, security: Security, max_adapters: int = 8) -> None:
         self._security = security
+        self._max_adapters = max_adapters
         self._bases: dict[BaseKey, ResidentBase] = {}
+        self._names = itertools.count()
 
     def base(self, model_name: str, placement: Placement) -> tuple[ResidentBase, int]:
         """The resident base for this model and placement, loading it if needed; also returns
@@ -107,18 +111,86 @@ class ResidentModels:
         )
         return resident, elapsed
 
-    def adapter(self, base: ResidentBase, folder: AdapterFolder) -> tuple[str, int]:
-        """The name of this adapter on this base, attaching it if needed; also returns the
-        nanoseconds spent loading it."""
-        attached = base.adapters.get(folder.resolved)
-        if attached is not None:
-            return attached[0], 0
+    def is_resident(self, base: ResidentBase) -> bool:
+        return any(resident is base for resident in self._bases.values())
+
+    def adapter(
+        self,
+        base: ResidentBase,
+        folder: AdapterFolder,
+        name: str | None = None,
+        pinned: Set[str] = frozenset(),
+    ) -> tuple[str, int]:
+        """The name of this adapter on this base, attaching it (under ``name``, or a made-up
+        one) if needed; also returns the nanoseconds spent loading it. Beyond the resident
+        bound the least recently used adapter is evicted, never one in ``pinned``."""
+        attached = base.by_path.get(folder.resolved)
+        if attached is not None and name in (None, attached):
+            return self._touch(base, attached), 0
+        if name is not None and name in base.adapters:
+            raise failed_precondition(
+                "name",
+                "ADAPTER_NAME_TAKEN",
+                f'"{name}" already names the adapter at "{base.adapters[name].path}"; '
+                "unload it first or choose another name",
+            )
+        name = name or f"adapter_{next(self._names)}"
         started = time.perf_counter_ns()
-        name = f"adapter_{len(base.adapters)}"
         log.info("adapter found", extra={"adapter": folder.path, "peft_type": folder.peft_type})
         self._attach(base, folder, name)
-        base.adapters[folder.resolved] = (name, folder)
-        return name, time.perf_counter_ns() - started
+        base.adapters[name] = folder
+        base.by_path.setdefault(folder.resolved, name)
+        self._evict(base, pinned | {name})
+        return self._touch(base, name), time.perf_counter_ns() - started
+
+    def named(self, base: ResidentBase, name: str) -> str:
+        """A registered adapter by name; NOT_FOUND when it is not loaded on this base."""
+        if name not in base.adapters:
+            raise self.not_loaded(name, base.model_name)
+        return self._touch(base, name)
+
+    @staticmethod
+    def not_loaded(name: str, model_name: str) -> Exception:
+        return not_found(
+            "adapter_name",
+            "ADAPTER_NOT_LOADED",
+            f'no adapter named "{name}" is loaded on "{model_name}" (LoadAdapter first)',
+        )
+
+    def find(self, key: BaseKey) -> ResidentBase | None:
+        """The resident base for a key, without loading anything."""
+        return self._bases.get(key)
+
+    def unload(self, base: ResidentBase, name: str) -> None:
+        """Detaches an adapter. Runs on the model thread between batches, so no running
+        request ever loses its adapter mid-generation."""
+        self.named(base, name)
+        folder = base.adapters.pop(name)
+        if base.by_path.get(folder.resolved) == name:
+            del base.by_path[folder.resolved]
+        base.uses.pop(name, None)
+        if base.adapters:
+            base.model.delete_adapter(peft_name(name))
+        else:
+            # The last adapter gone: take the LoRA layers out and keep the plain base.
+            base.model = base.model.unload()
+        log.info("adapter unloaded", extra={"adapter": name, "path": folder.path})
+
+    def resident(self) -> list[ResidentBase]:
+        return list(self._bases.values())
+
+    def _touch(self, base: ResidentBase, name: str) -> str:
+        base.adapters.move_to_end(name)
+        base.uses[name] += 1
+        return name
+
+    def _evict(self, base: ResidentBase, pinned: Set[str]) -> None:
+        for name in list(base.adapters):
+            if len(base.adapters) <= self._max_adapters:
+                return
+            if name not in pinned:
+                log.info("adapter evicted (least recently used)", extra={"adapter": name})
+                self.unload(base, name)
 
     def _attach(self, base: ResidentBase, folder: AdapterFolder, name: str) -> None:
         """Attaches the adapter, or raises ADAPTER_INCOMPATIBLE (FAILED_PRECONDITION) naming what
@@ -134,13 +206,16 @@ class ResidentModels:
         try:
             if first:
                 base.model = PeftModel.from_pretrained(
-                    base.model, str(folder.resolved), adapter_name=name, is_trainable=False
+                    base.model,
+                    str(folder.resolved),
+                    adapter_name=peft_name(name),
+                    is_trainable=False,
                 )
             else:
-                base.model.load_adapter(str(folder.resolved), adapter_name=name)
+                base.model.load_adapter(str(folder.resolved), adapter_name=peft_name(name))
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             self._undo_attach(base, name, first)
-            raise _incompatible(folder, base, _what_differs(exc, name)) from exc
+            raise _incompatible(folder, base, _what_differs(exc, peft_name(name))) from exc
         base.model.eval()
 
     def _undo_attach(self, base: ResidentBase, name: str, first: bool) -> None:
@@ -148,8 +223,8 @@ class ResidentModels:
         the base itself, so that base is dropped and reloaded on next use."""
         if first:
             self._bases = {k: v for k, v in self._bases.items() if v is not base}
-        elif name in base.model.peft_config:
-            base.model.delete_adapter(name)
+        elif peft_name(name) in base.model.peft_config:
+            base.model.delete_adapter(peft_name(name))
 
 
 def _module_names(model: Any) -> list[str]:

@@ -6,26 +6,37 @@ import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
+from golem_sidecar.comparison import ComparedAnswer, resolve_compare
 from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
+from golem_sidecar.decoding import FINISH_EOS, FINISH_LENGTH, FINISH_STOP
 from golem_sidecar.engine import ExamEngine, ExamResult
 from golem_sidecar.errors import GolemError
-from golem_sidecar.exam import resolve_exam
+from golem_sidecar.exam import check_adapter_name, resolve_exam
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
-from golem_sidecar.generation import FINISH_EOS
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.logs import REQUEST_ID
+from golem_sidecar.models import ResidentBase
 from golem_sidecar.shutdown import CallGate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # After the last call has answered, how long the transport gets to deliver those answers.
 _FLUSH_S = 1.0
 SERVICE_NAME = exam_pb2.DESCRIPTOR.services_by_name["ExamService"].full_name
+_FINISH_REASONS = {
+    FINISH_LENGTH: exam_pb2.FINISH_REASON_LENGTH,
+    FINISH_EOS: exam_pb2.FINISH_REASON_EOS,
+    FINISH_STOP: exam_pb2.FINISH_REASON_STOP,
+}
 _GRADE_RULES = {
     EXACT_MATCH: exam_pb2.GRADE_RULE_EXACT_MATCH,
     CONTAINS: exam_pb2.GRADE_RULE_CONTAINS,
@@ -42,29 +53,102 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.TakeExamResponse:
         REQUEST_ID.set(_request_id(context))
-        error = await self._take_exam(request)
-        if isinstance(error, exam_pb2.TakeExamResponse):
-            return error
-        await context.abort_with_status(error.to_status())
-        raise AssertionError("abort_with_status returns only by raising")
+        result = await _or_abort(context, await self._guarded(self._answer(request, None)))
+        return to_response(result)
 
-    async def _take_exam(
-        self, request: exam_pb2.TakeExamRequest
-    ) -> exam_pb2.TakeExamResponse | GolemError:
-        cancelled = threading.Event()
+    async def StreamExam(
+        self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[exam_pb2.ExamChunk]:
+        REQUEST_ID.set(_request_id(context))
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        answering = asyncio.ensure_future(self._guarded(self._answer(request, pieces.put_nowait)))
         try:
+            while not (answering.done() and pieces.empty()):
+                getting = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getting, answering}, return_when=asyncio.FIRST_COMPLETED)
+                if getting.done():
+                    yield exam_pb2.ExamChunk(text=getting.result())
+                else:
+                    getting.cancel()
+        finally:
+            # The caller went away mid-stream: its row leaves the batch at the next token.
+            answering.cancel()
+        result = await _or_abort(context, answering.result())
+        yield exam_pb2.ExamChunk(final=to_response(result))
+
+    async def LoadAdapter(
+        self, request: exam_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> exam_pb2.LoadAdapterResponse:
+        REQUEST_ID.set(_request_id(context))
+
+        async def load() -> exam_pb2.LoadAdapterResponse:
+            name = check_adapter_name("name", request.name)
+            security = self._config.security
+            folder = check_adapter_folder(
+                request.adapter_path, security.allow_pickle, security.adapter_roots
+            )
+            model = request.model_name if request.HasField("model_name") else None
+            base, attached, load_ns = await self._engine.load_adapter(name, folder, model)
+            resident = _resident(base, attached, base.adapters[attached], base.uses[attached])
+            log.info("adapter loaded", extra={"adapter": attached, "path": folder.path})
+            return exam_pb2.LoadAdapterResponse(adapter=resident, load_ns=load_ns)
+
+        return await _or_abort(context, await self._guarded(load()))
+
+    async def UnloadAdapter(
+        self, request: exam_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> exam_pb2.UnloadAdapterResponse:
+        REQUEST_ID.set(_request_id(context))
+
+        async def unload() -> exam_pb2.UnloadAdapterResponse:
+            name = check_adapter_name("name", request.name)
+            model = request.model_name if request.HasField("model_name") else None
+            await self._engine.unload_adapter(name, model)
+            return exam_pb2.UnloadAdapterResponse()
+
+        return await _or_abort(context, await self._guarded(unload()))
+
+    async def ListAdapters(
+        self, request: exam_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> exam_pb2.ListAdaptersResponse:
+        listing = await self._engine.list_adapters()
+        return exam_pb2.ListAdaptersResponse(adapters=[_resident(*item) for item in listing])
+
+    async def CompareAdapters(
+        self, request: exam_pb2.CompareAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> exam_pb2.CompareAdaptersResponse:
+        REQUEST_ID.set(_request_id(context))
+
+        async def compare() -> exam_pb2.CompareAdaptersResponse:
+            spec = resolve_compare(request, self._config)
+            table = await self._engine.compare(spec, threading.Event())
+            return _comparison_response(spec.prompts, table)
+
+        return await _or_abort(context, await self._guarded(compare()))
+
+    async def _answer(
+        self, request: exam_pb2.TakeExamRequest, on_text: Callable[[str], None] | None
+    ) -> ExamResult:
+        spec = resolve_exam(request, self._config)
+        self._debug_text("exam received", prompt=spec.prompt)
+        result = await self._engine.take_exam(spec, threading.Event(), on_text)
+        self._log_result(result)
+        return result
+
+    async def _guarded(self, work: Awaitable[T]) -> T | GolemError:
+        """Runs one call's work; every failure becomes the GolemError the caller receives."""
+        try:
+            # Shutdown refuses new calls here, and ends those still running when grace is over.
             with self._gate.admit():
-                spec = resolve_exam(request, self._config)
-                self._debug_text("exam received", prompt=spec.prompt)
-                result = await self._gate.until_expiry(self._engine.take_exam(spec, cancelled))
+                return await self._gate.until_expiry(work)
         except GolemError as err:
             log.warning(
-                "exam refused",
+                "call refused",
                 extra={"code": err.code.name, "reason": err.reason, "error": err.message},
             )
             return err
         except asyncio.CancelledError:
-            log.info("exam cancelled by the caller")
+            log.info("call cancelled by the caller")
             raise
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             log.error("out of memory", extra={"error": str(exc)})
@@ -72,14 +156,13 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "OUT_OF_MEMORY",
                 "the model ran out of memory; retry later or ask for fewer max_new_tokens",
+                retry_after_s=5.0,
             )
         except Exception as exc:
-            log.exception("exam failed")
+            log.exception("call failed")
             return GolemError(
                 grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
             )
-        self._log_result(result)
-        return to_response(result)
 
     def _debug_text(self, message: str, **texts: str) -> None:
         # Prompts and answers are the caller's data: debug level only, never in production.
@@ -97,9 +180,51 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
                 "load_ms": result.load_ns // 10**6,
                 "queue_ms": result.queue_ns // 10**6,
                 "generate_ms": gen.generate_ns // 10**6,
+                "batch_size": result.batch_size,
             },
         )
         self._debug_text("exam answer", answer=gen.answer)
+
+
+async def _or_abort(context: grpc.aio.ServicerContext, outcome: T | GolemError) -> T:
+    """The result, or the call ends here with the error's status and details."""
+    if isinstance(outcome, GolemError):
+        await context.abort_with_status(outcome.to_status())
+        raise AssertionError("abort_with_status returns only by raising")
+    return outcome
+
+
+def _adapter_info(folder: AdapterFolder) -> exam_pb2.AdapterInfo:
+    return exam_pb2.AdapterInfo(
+        path=folder.path,
+        base_model_name_or_path=folder.base_model_name_or_path,
+        peft_type=folder.peft_type,
+    )
+
+
+def _resident(
+    base: ResidentBase, name: str, folder: AdapterFolder, uses: int
+) -> exam_pb2.ResidentAdapter:
+    return exam_pb2.ResidentAdapter(
+        name=name, model_name=base.model_name, adapter=_adapter_info(folder), uses=uses
+    )
+
+
+def _comparison_response(
+    prompts: tuple[str, ...], table: list[list[ComparedAnswer]]
+) -> exam_pb2.CompareAdaptersResponse:
+    response = exam_pb2.CompareAdaptersResponse()
+    for prompt, answers in zip(prompts, table, strict=True):
+        comparison = response.comparisons.add(prompt=prompt)
+        for answer in answers:
+            comparison.answers.add(
+                model=answer.model,
+                answer=answer.row.answer,
+                answer_tokens=len(answer.row.generated),
+                finish_reason=_FINISH_REASONS[answer.row.finish_reason],
+                mean_logprob=answer.mean_logprob,
+            )
+    return response
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -126,23 +251,14 @@ def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
         ),
         prompt_tokens=gen.prompt_tokens,
         answer_tokens=gen.answer_tokens,
-        finish_reason=(
-            exam_pb2.FINISH_REASON_EOS
-            if gen.finish_reason == FINISH_EOS
-            else exam_pb2.FINISH_REASON_LENGTH
-        ),
+        finish_reason=_FINISH_REASONS[gen.finish_reason],
+        batch_size=result.batch_size,
         timings=exam_pb2.Timings(
             load_ns=result.load_ns, queue_ns=result.queue_ns, generate_ns=gen.generate_ns
         ),
     )
-    if spec.adapter is not None:
-        response.adapter.CopyFrom(
-            exam_pb2.AdapterInfo(
-                path=spec.adapter.path,
-                base_model_name_or_path=spec.adapter.base_model_name_or_path,
-                peft_type=spec.adapter.peft_type,
-            )
-        )
+    if result.adapter is not None:
+        response.adapter.CopyFrom(_adapter_info(result.adapter))
     if result.grade is not None:
         g = result.grade
         response.grade.CopyFrom(
@@ -204,4 +320,4 @@ class Sidecar:
         if cut_short:
             log.warning("calls ended by shutdown", extra={"calls": cut_short, "grace_s": grace})
         await self.server.stop(_FLUSH_S)
-        self.engine.close()
+        await self.engine.close()

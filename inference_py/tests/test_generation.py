@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-import grpc
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from golem_sidecar.errors import GolemError
+from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_EOS, Row, decode_batch
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
-from golem_sidecar.generation import encode_prompt, generate
 from tests.tiny_models import SEED_PROMPT
 
 PROMPTS = [SEED_PROMPT, "Instruction: Which genre is Dune?\nResponse:", "The quick brown"]
@@ -65,6 +64,15 @@ async def test_bare_base_equals_plain_transformers_and_differs_from_the_adapter(
     assert not base.HasField("adapter")
 
 
+def _row(tokenizer: Any, max_new_tokens: int, flag: threading.Event | None = None) -> Row:
+    return Row(
+        prompt_ids=list(tokenizer(SEED_PROMPT)["input_ids"]),
+        adapter=None,
+        max_new_tokens=max_new_tokens,
+        cancelled=flag or threading.Event(),
+    )
+
+
 def test_a_set_cancel_flag_stops_generation_at_the_next_token(tiny: dict[str, str]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
     model = AutoModelForCausalLM.from_pretrained(tiny["model"])
@@ -72,10 +80,11 @@ def test_a_set_cancel_flag_stops_generation_at_the_next_token(tiny: dict[str, st
     model.register_forward_hook(lambda *_: steps.append(1))
     flag = threading.Event()
     flag.set()
-    with pytest.raises(GolemError) as info:
-        generate(model, tokenizer, encode_prompt(tokenizer, SEED_PROMPT, "cpu"), 50, flag)
-    assert info.value.code == grpc.StatusCode.CANCELLED
-    assert len(steps) == 1, "one forward pass, then the stopping criterion ends it"
+    row = _row(tokenizer, 50, flag)
+    decode_batch(model, tokenizer, [row], "cpu", peft=False)
+    assert row.finish_reason == FINISH_CANCELLED
+    assert row.generated == []
+    assert len(steps) == 1, "the prompt's forward pass, then the flag ends the row"
 
 
 def test_finish_reason_is_eos_when_the_model_stops(tiny: dict[str, str]) -> None:
@@ -85,7 +94,6 @@ def test_finish_reason_is_eos_when_the_model_stops(tiny: dict[str, str]) -> None
     with torch.no_grad():
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
         model.lm_head.bias[tokenizer.eos_token_id] = 1e4
-    result = generate(
-        model, tokenizer, encode_prompt(tokenizer, SEED_PROMPT, "cpu"), 10, threading.Event()
-    )
-    assert (result.finish_reason, result.answer_tokens, result.answer) == ("eos", 1, "")
+    row = _row(tokenizer, 10)
+    decode_batch(model, tokenizer, [row], "cpu", peft=False)
+    assert (row.finish_reason, len(row.generated), row.answer) == (FINISH_EOS, 1, "")

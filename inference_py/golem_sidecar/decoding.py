@@ -1,0 +1,183 @@
+"""Decoding a batch of rows together, one token step at a time, on one resident base.
+
+Each row has its own prompt, adapter (peft's mixed adapter batches: ``adapter_names``), sampling
+settings, stop sequences, token budget and cancel flag, so batching never changes an answer:
+greedy rows give exactly what they give alone. Rows that finish leave the batch (their slice of
+the KV cache is dropped) so the others run on without them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from golem_sidecar.sampling import SamplingParams, choose_next, make_generator
+
+BASE_ADAPTER = "__base__"
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos"
+FINISH_STOP = "stop"
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in a batch; the decoder fills in the fields below the line."""
+
+    prompt_ids: list[int]
+    # The peft adapter name, or None for the bare base.
+    adapter: str | None
+    max_new_tokens: int
+    cancelled: threading.Event
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    # Streaming: called from the model thread with each new piece of the answer.
+    on_text: Callable[[str], None] | None = None
+    # ---- filled in by decode_batch
+    generated: list[int] = field(default_factory=list)
+    answer: str = ""
+    finish_reason: str = ""
+    _emitted: int = 0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish_reason)
+
+
+def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return set()
+    return {int(i) for i in configured} if isinstance(configured, list) else {int(configured)}
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters a stream must not show yet: a half-decoded character, or
+    the start of a stop sequence that may still complete (it would then be cut from the answer)."""
+    if text.endswith("\ufffd"):
+        return 1
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+def _advance(row: Row, token: int, tokenizer: PreTrainedTokenizerBase, eos: set[int]) -> None:
+    """Adds one token to a row and decides whether the row is finished."""
+    row.generated.append(token)
+    text = str(tokenizer.decode(row.generated, skip_special_tokens=True))
+    cut = min((text.find(s) for s in row.stop if s in text), default=-1)
+    if cut >= 0:
+        row.answer, row.finish_reason = text[:cut], FINISH_STOP
+    else:
+        row.answer = text
+        if token in eos:
+            row.finish_reason = FINISH_EOS
+        elif len(row.generated) >= row.max_new_tokens:
+            row.finish_reason = FINISH_LENGTH
+    _stream(row)
+
+
+def _stream(row: Row) -> None:
+    if row.on_text is None:
+        return
+    visible = len(row.answer) if row.done else len(row.answer) - _held_back(row.answer, row.stop)
+    if visible > row._emitted:
+        row.on_text(row.answer[row._emitted : visible])
+        row._emitted = visible
+
+
+def _left_pad(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
+        mask[i, width - len(row.prompt_ids) :] = 1
+    return ids, mask
+
+
+class _Batch:
+    """The tensors of the rows still decoding: shrinks as rows finish."""
+
+    def __init__(self, model: Any, rows: list[Row], pad_id: int, device: Any, peft: bool):
+        self.model, self.rows, self.peft = model, rows, peft
+        ids, mask = _left_pad(rows, pad_id)
+        self.mask = mask.to(device)
+        # Positions count real tokens only, so a padded row sees the positions it would alone.
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache()
+        self.logits = self._forward(ids.to(device), self.positions)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        extra: dict[str, Any] = {}
+        if self.peft:
+            extra["adapter_names"] = [r.adapter or BASE_ADAPTER for r in self.rows]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
+        )
+        return out.logits[:, -1, :]
+
+    def drop_finished(self) -> None:
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows = []
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        self.logits = self.logits[index]
+
+    def step(self, tokens: list[int]) -> None:
+        device = self.mask.device
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        ids = torch.tensor(tokens, device=device).unsqueeze(1)
+        self.logits = self._forward(ids, self.positions)
+
+
+def decode_batch(
+    model: Any, tokenizer: PreTrainedTokenizerBase, rows: list[Row], device: Any, peft: bool
+) -> None:
+    """Runs every row to its end (eos, stop sequence, token budget or cancellation)."""
+    eos = _eos_ids(model, tokenizer)
+    generators = {id(r): make_generator(r.params) for r in rows}
+    with torch.inference_mode():
+        # Padding is masked out, so any id will do when the tokenizer names none.
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        batch = _Batch(model, rows, pad_id, device, peft)
+        while batch.rows:
+            tokens = []
+            for row, logits in zip(batch.rows, batch.logits, strict=True):
+                if row.cancelled.is_set():
+                    row.finish_reason = FINISH_CANCELLED
+                    tokens.append(0)
+                    continue
+                seen = row.prompt_ids + row.generated
+                token = choose_next(logits, row.params, generators[id(row)], seen)
+                _advance(row, token, tokenizer, eos)
+                tokens.append(token)
+            active = [t for t, r in zip(tokens, batch.rows, strict=True) if not r.done]
+            batch.drop_finished()
+            if batch.rows:
+                batch.step(active)
