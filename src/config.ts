@@ -56,6 +56,12 @@ export const configSchema = z.strictObject({
     maxMessageBytes: positiveInt.default(1048576),
     // The largest JSON argument `golem exam` accepts.
     maxInputBytes: positiveInt.default(65536),
+    // The sidecar's batching: most requests decoded together, how long a batch waits to fill,
+    // how many may wait (beyond that: RESOURCE_EXHAUSTED), and named adapters resident per base.
+    maxBatchSize: positiveInt.default(32),
+    batchWaitMs: nonNegativeInt.default(5),
+    maxQueue: positiveInt.default(256),
+    maxAdapters: positiveInt.default(8),
   }),
   security: z
     .strictObject({

@@ -108,6 +108,49 @@ describe('golem CLI end to end', () => {
     });
   });
 
+  it('streams the answer on stderr and prints the usual JSON line on stdout with --stream', async () => {
+    const input = { adapterPath: models.adapter_b, maxNewTokens: 6 };
+    const unary = await golem(['exam', JSON.stringify(input), '--address', address]);
+    const run = await golem(['exam', JSON.stringify(input), '--stream', '--address', address]);
+    expect(run.code).toBe(0);
+    expect(run.json).toMatchObject({ status: 'success', exitCode: 0, result: unary.json.result });
+    expect(run.stderr).toContain(String(run.json.result));
+  });
+
+  it('loads, lists and unloads a named adapter with golem adapters', async () => {
+    const load = await golem(['adapters', 'load', 'cli_b', models.adapter_b, '--address', address]);
+    expect(load.code).toBe(0);
+    expect(load.json).toMatchObject({ status: 'success', exitCode: 0, detail: { adapter: { name: 'cli_b' } } });
+    const list = await golem(['adapters', 'list', '--address', address]);
+    expect(list.code).toBe(0);
+    expect(JSON.stringify(list.json.detail)).toContain('"cli_b"');
+    const exam = await golem(['exam', '{"adapterName": "cli_b", "maxNewTokens": 2}', '--address', address]);
+    expect(exam.code).toBe(0);
+    const unload = await golem(['adapters', 'unload', 'cli_b', '--address', address]);
+    expect(unload.json).toMatchObject({ status: 'success', exitCode: 0 });
+    const again = await golem(['adapters', 'unload', 'cli_b', '--address', address]);
+    expect(again.code).toBe(3);
+    expect(again.json).toMatchObject({ status: 'failure', exitCode: 3, detail: { code: 'NOT_FOUND' } });
+  });
+
+  it('compares adapters: a table on stderr, the JSON line on stdout', async () => {
+    const input = { prompt: 'Instruction: Which genre is the hobbit?\nResponse:', adapters: [models.adapter_b], maxNewTokens: 3 };
+    const run = await golem(['compare', JSON.stringify(input), '--address', address]);
+    expect(run.code).toBe(0);
+    expect(run.json).toMatchObject({ status: 'success', exitCode: 0 });
+    expect(run.stderr).toMatch(/^model\s+answer\s+tokens\s+logp\|__base__/m);
+    expect(run.stderr).toMatch(/^__base__\s/m);
+    const bad = await golem(['compare', '{"adapters": []}', '--address', address]);
+    expect(bad.code).toBe(2);
+  });
+
+  it('fails adapters list with exit 5 when no daemon listens', async () => {
+    const nobody = `127.0.0.1:${await freePort()}`;
+    const run = await golem(['adapters', 'list', '--address', nobody]);
+    expect(run.code).toBe(5);
+    expect(run.json.message).toMatch(/no daemon listens/);
+  });
+
   it('fails with exit 3 and an error on stderr when the adapter is missing', async () => {
     const missing = path.join(dir, 'no-such-adapter');
     const run = await golem(['exam', JSON.stringify({ adapterPath: missing }), '--address', address]);

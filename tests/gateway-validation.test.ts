@@ -73,6 +73,7 @@ describe('gateway validation, sidecar unreachable', () => {
       ),
       expectedAnswer: text,
       disableAdapter: fc.boolean(),
+      stop: fc.constant<string[]>([]),
     });
     await fc.assert(
       fc.asyncProperty(arbitraryRequest, async (request) => {

@@ -5,12 +5,19 @@
  */
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { credentials, Metadata, status as GrpcStatus, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
+import {
+  credentials,
+  Metadata,
+  status as GrpcStatus,
+  type ChannelCredentials,
+  type ServiceError,
+  type StatusObject,
+} from '@grpc/grpc-js';
 import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import { AUTHORIZATION_KEY } from '../gateway/auth';
 import { parseErrorDetails, type FieldViolation } from '../gateway/errors';
 import { REQUEST_ID_KEY, startGateway, type Gateway } from '../gateway/server';
-import { ExamServiceClient, TakeExamRequest, TakeExamResponse } from '../gen/golem/exam/v1/exam';
+import { ExamServiceClient, TakeExamRequest, TakeExamResponse, type ExamChunk } from '../gen/golem/exam/v1/exam';
 import { createLogger } from '../log';
 import { ExitCode, exitCodeForStatus } from './exit-codes';
 import { parseExamInput } from './input';
@@ -24,6 +31,8 @@ export interface ExamOptions {
   configFile?: string;
   /** PEM file of the CA (or self-signed certificate) to trust: talk TLS to the daemon. */
   tlsCa?: string;
+  /** StreamExam: the answer's text goes to stderr as it is generated. */
+  stream?: boolean;
 }
 
 /** The one line `golem exam` prints on stdout. */
@@ -58,16 +67,10 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
     const what = parsed.violations.map((v) => `${v.field}: ${v.description}`).join('; ');
     return failure(ExitCode.INVALID_INPUT, `invalid input: ${what}`, 'INVALID_ARGUMENT', 'INVALID_INPUT', parsed.violations);
   }
-  const tlsCa = options.tlsCa ?? (process.env.GOLEM_TLS_CA || undefined);
-  let channelCredentials: ChannelCredentials;
-  try {
-    channelCredentials = tlsCa ? credentials.createSsl(readFileSync(tlsCa)) : credentials.createInsecure();
-  } catch (err) {
-    const message = `cannot read the TLS CA ${tlsCa} (--tls-ca or GOLEM_TLS_CA): ${(err as Error).message}`;
-    return failure(ExitCode.INVALID_INPUT, message, 'INVALID_ARGUMENT', 'INVALID_COMMAND_LINE');
-  }
+  const channelCredentials = channelCredentialsFor(options.tlsCa);
+  if ('exitCode' in channelCredentials) return channelCredentials;
   const token = process.env[config.security.authTokenEnv] || undefined;
-  const address = options.address ?? (process.env.GOLEM_ADDRESS || DEFAULT_ADDRESS);
+  const address = daemonAddress(options.address);
   let gateway: Gateway | undefined;
   let client: ExamServiceClient;
   if (await isListening(address)) {
@@ -80,11 +83,36 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
     client = new ExamServiceClient(gateway.address, credentials.createInsecure());
   }
   try {
-    return await call(client, parsed.request, token);
+    return await (options.stream ? streamCall : call)(client, parsed.request, token);
   } finally {
     client.close();
     await gateway?.close();
   }
+}
+
+/** The channel credentials for `--tls-ca` (or GOLEM_TLS_CA): TLS trusting that CA, else plaintext. */
+export function channelCredentialsFor(tlsCaOption: string | undefined): ChannelCredentials | ExamOutcome {
+  const tlsCa = tlsCaOption ?? (process.env.GOLEM_TLS_CA || undefined);
+  try {
+    return tlsCa ? credentials.createSsl(readFileSync(tlsCa)) : credentials.createInsecure();
+  } catch (err) {
+    const message = `cannot read the TLS CA ${tlsCa} (--tls-ca or GOLEM_TLS_CA): ${(err as Error).message}`;
+    return failure(ExitCode.INVALID_INPUT, message, 'INVALID_ARGUMENT', 'INVALID_COMMAND_LINE');
+  }
+}
+
+/** `--address`, else GOLEM_ADDRESS, else the default. */
+export function daemonAddress(option: string | undefined): string {
+  return option ?? (process.env.GOLEM_ADDRESS || DEFAULT_ADDRESS);
+}
+
+/** Metadata for one call: a fresh request id, and the bearer token when there is one. */
+export function callMetadata(token: string | undefined): { metadata: Metadata; requestId: string } {
+  const requestId = randomUUID();
+  const metadata = new Metadata();
+  metadata.set(REQUEST_ID_KEY, requestId);
+  if (token) metadata.set(AUTHORIZATION_KEY, `Bearer ${token}`);
+  return { metadata, requestId };
 }
 
 // Counted in bytes, as the limit is: a shell argument is bytes, whatever the characters.
@@ -109,13 +137,36 @@ async function startOwnGateway(config: GolemConfig): Promise<Gateway | ExamOutco
 }
 
 function call(client: ExamServiceClient, request: TakeExamRequest, token: string | undefined): Promise<ExamOutcome> {
-  const requestId = randomUUID();
-  const metadata = new Metadata();
-  metadata.set(REQUEST_ID_KEY, requestId);
-  if (token) metadata.set(AUTHORIZATION_KEY, `Bearer ${token}`);
+  const { metadata, requestId } = callMetadata(token);
   return new Promise((resolve) => {
     client.takeExam(request, metadata, (error: ServiceError | null, response: TakeExamResponse) => {
       resolve(error ? fromError(error, requestId) : fromResponse(response));
+    });
+  });
+}
+
+// The text goes to stderr as it comes; stdout keeps its one JSON line, built from the final chunk.
+function streamCall(client: ExamServiceClient, request: TakeExamRequest, token: string | undefined): Promise<ExamOutcome> {
+  const { metadata, requestId } = callMetadata(token);
+  return new Promise((resolve) => {
+    let final: TakeExamResponse | undefined;
+    let wrote = false;
+    const stream = client.streamExam(request, metadata);
+    stream.on('data', (chunk: ExamChunk) => {
+      if (chunk.text !== undefined) {
+        process.stderr.write(chunk.text);
+        wrote = true;
+      }
+      if (chunk.final) final = chunk.final;
+    });
+    stream.on('error', (error: ServiceError) => {
+      if (wrote) process.stderr.write('\n');
+      resolve(fromError(error, requestId));
+    });
+    stream.on('status', (status: StatusObject) => {
+      if (status.code !== GrpcStatus.OK) return;
+      if (wrote) process.stderr.write('\n');
+      resolve(final ? fromResponse(final) : failure(ExitCode.FAILURE, 'the stream ended without its final chunk', 'INTERNAL', 'NO_FINAL_CHUNK'));
     });
   });
 }
@@ -124,14 +175,15 @@ function fromResponse(response: TakeExamResponse): ExamOutcome {
   return { status: 'success', exitCode: ExitCode.SUCCESS, result: response.answer, detail: TakeExamResponse.toJSON(response) };
 }
 
-function fromError(error: ServiceError, requestId: string): ExamOutcome {
+/** The outcome for a failed call: its code's exit code, and its details. */
+export function fromError(error: ServiceError, requestId: string): ExamOutcome {
   const details = parseErrorDetails(error.metadata);
   const code = GrpcStatus[error.code] ?? String(error.code);
   const message = `${code}: ${error.details} (request ${requestId})`;
   return failure(exitCodeForStatus(error.code), message, code, details.reason ?? '', details.fieldViolations);
 }
 
-function failure(
+export function failure(
   exitCode: ExitCode,
   message: string,
   code: string,

@@ -1,21 +1,34 @@
 /**
- * The `golem` command: `serve` runs the daemon, `exam` asks it one question.
+ * The `golem` command: `serve` runs the daemon, `exam` asks it one question, `adapters` manages
+ * its named adapters and `compare` sets adapters against the base.
  */
 import { parseArgs } from 'node:util';
 import dotenv from 'dotenv';
 import { ConfigError } from '../config';
 import { SidecarStartError } from '../sidecar/supervisor';
+import { runCompare, runListAdapters, runLoadAdapter, runUnloadAdapter } from './adapters';
 import { runExam } from './exam';
 import { ExitCode } from './exit-codes';
 import { runServe } from './serve';
 
 const USAGE = `usage:
   golem serve [--config FILE]
-  golem exam '<json>' [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
+  golem exam '<json>' [--stream] [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
+  golem adapters load NAME PATH [--model M] [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
+  golem adapters unload NAME [--model M] [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
+  golem adapters list [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
+  golem compare '<json>' [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
 
+exam input keys: modelName, adapterPath, adapterName, prompt, maxNewTokens, device, quantization,
+  expectedAnswer, disableAdapter, temperature, topP, topK, seed, stop, repetitionPenalty.
+exam --stream prints the answer on stderr as it is generated; stdout gets the usual JSON line.
+compare input: {"prompts": [...] or "prompt": "...", "adapters": [...], "modelName"?, "maxNewTokens"?};
+  it prints a table on stderr: per prompt, each model's answer, tokens and mean log-prob under each model.
+adapters and compare need a running daemon (golem serve); exam starts one for the call if none runs.
+Every command but serve prints one JSON line {status, exitCode, message?, result?, detail?} on stdout.
 exam sends the token in $GOLEM_AUTH_TOKEN (or security.authTokenEnv) when set, and talks TLS
   when --tls-ca or $GOLEM_TLS_CA names the CA (or self-signed certificate) to trust.
-exam exit codes: 0 success, 1 other failure, 2 invalid input, 3 not found,
+exit codes: 0 success, 1 other failure, 2 invalid input, 3 not found,
   4 failed precondition, 5 unavailable, 6 deadline exceeded, 7 resource exhausted,
   8 permission denied, 9 unauthenticated`;
 
@@ -30,6 +43,10 @@ export async function main(argv: string[]): Promise<number> {
         return await serve(rest);
       case 'exam':
         return await exam(rest);
+      case 'adapters':
+        return await adapters(rest);
+      case 'compare':
+        return await compare(rest);
       case 'help':
       case '--help':
       case '-h':
@@ -70,7 +87,7 @@ async function exam(args: string[]): Promise<number> {
   try {
     parsed = parseArgs({
       args,
-      options: { address: { type: 'string' }, config: { type: 'string' }, 'tls-ca': { type: 'string' } },
+      options: { ...DAEMON_OPTIONS, stream: { type: 'boolean' } },
       allowPositionals: true,
       strict: true,
     });
@@ -85,10 +102,54 @@ async function exam(args: string[]): Promise<number> {
     address: parsed.values.address,
     configFile: parsed.values.config,
     tlsCa: parsed.values['tls-ca'],
+    stream: parsed.values.stream,
   });
 }
 
-// Even a bad command line gets exam's one JSON line, so scripts always have something to parse.
+const DAEMON_OPTIONS = {
+  address: { type: 'string' },
+  config: { type: 'string' },
+  'tls-ca': { type: 'string' },
+} as const;
+
+async function adapters(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({ args, options: { ...DAEMON_OPTIONS, model: { type: 'string' } }, allowPositionals: true, strict: true });
+  } catch (err) {
+    return usageError((err as Error).message);
+  }
+  const { values } = parsed;
+  const options = { address: values.address, configFile: values.config, tlsCa: values['tls-ca'] };
+  const [verb, ...operands] = parsed.positionals;
+  const expected: Record<string, number> = { load: 2, unload: 1, list: 0 };
+  if (verb === undefined || !(verb in expected)) {
+    return usageError(`adapters takes load, unload or list, got ${JSON.stringify(verb ?? '')}`);
+  }
+  if (operands.length !== expected[verb]) {
+    return usageError(`adapters ${verb} takes ${expected[verb]} argument(s), got ${operands.length}`);
+  }
+  if (verb === 'list' && values.model !== undefined) return usageError('adapters list takes no --model');
+  if (verb === 'load') return runLoadAdapter(operands[0], operands[1], values.model, options);
+  if (verb === 'unload') return runUnloadAdapter(operands[0], values.model, options);
+  return runListAdapters(options);
+}
+
+async function compare(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({ args, options: DAEMON_OPTIONS, allowPositionals: true, strict: true });
+  } catch (err) {
+    return usageError((err as Error).message);
+  }
+  if (parsed.positionals.length !== 1) {
+    return usageError(`compare takes one JSON argument, got ${parsed.positionals.length}`);
+  }
+  const { values } = parsed;
+  return runCompare(parsed.positionals[0], { address: values.address, configFile: values.config, tlsCa: values['tls-ca'] });
+}
+
+// Even a bad command line gets the one JSON line, so scripts always have something to parse.
 function usageError(message: string): number {
   const outcome = {
     status: 'failure',

@@ -5,14 +5,14 @@
  */
 import { Server, type ServerCredentials } from '@grpc/grpc-js';
 import type { GolemConfig } from '../config';
-import { ExamServiceService } from '../gen/golem/exam/v1/exam';
+import { ExamServiceService, type ExamServiceServer } from '../gen/golem/exam/v1/exam';
 import { createLogger, type Logger } from '../log';
 import { messageSizeOptions } from '../sidecar/client';
 import { describeExit } from '../sidecar/process';
 import { SidecarSupervisor } from '../sidecar/supervisor';
 import { bearerAuthorizer } from './auth';
 import { serverCredentials } from './credentials';
-import { takeExamHandler } from './forward';
+import { streamExamHandler, takeExamRoute, unaryHandler, type Forwarding } from './forward';
 import { createHealth } from './health';
 import { InFlightCalls } from './in-flight';
 import { createReflection } from './reflection';
@@ -63,7 +63,29 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   const inFlight = new InFlightCalls();
   const server = new Server(messageSizeOptions(config.limits.maxMessageBytes));
   const authorize = bearerAuthorizer(token);
-  server.addService(ExamServiceService, { takeExam: takeExamHandler({ logger, config, authorize, link, inFlight }) });
+  const forwarding: Forwarding = { logger, config, authorize, link, inFlight };
+  // The registry and comparison RPCs are validated by the sidecar alone.
+  const handlers: ExamServiceServer = {
+    takeExam: unaryHandler(forwarding, takeExamRoute(config)),
+    streamExam: streamExamHandler(forwarding),
+    loadAdapter: unaryHandler(forwarding, {
+      name: 'load adapter',
+      invoke: (client, request, metadata, options, signal) => client.loadAdapter(request, metadata, options, signal),
+    }),
+    unloadAdapter: unaryHandler(forwarding, {
+      name: 'unload adapter',
+      invoke: (client, request, metadata, options, signal) => client.unloadAdapter(request, metadata, options, signal),
+    }),
+    listAdapters: unaryHandler(forwarding, {
+      name: 'list adapters',
+      invoke: (client, request, metadata, options, signal) => client.listAdapters(request, metadata, options, signal),
+    }),
+    compareAdapters: unaryHandler(forwarding, {
+      name: 'compare adapters',
+      invoke: (client, request, metadata, options, signal) => client.compareAdapters(request, metadata, options, signal),
+    }),
+  };
+  server.addService(ExamServiceService, handlers);
   health.addToServer(server);
   createReflection().addToServer(server);
   const port = await bind(server, listen, credentials);

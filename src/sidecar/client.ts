@@ -13,7 +13,20 @@ import {
   type ServiceError,
 } from '@grpc/grpc-js';
 import { service as healthService, type ServingStatus } from 'grpc-health-check';
-import { ExamServiceClient, type TakeExamRequest, type TakeExamResponse } from '../gen/golem/exam/v1/exam';
+import {
+  ExamServiceClient,
+  type CompareAdaptersRequest,
+  type CompareAdaptersResponse,
+  type ExamChunk,
+  type ListAdaptersRequest,
+  type ListAdaptersResponse,
+  type LoadAdapterRequest,
+  type LoadAdapterResponse,
+  type TakeExamRequest,
+  type TakeExamResponse,
+  type UnloadAdapterRequest,
+  type UnloadAdapterResponse,
+} from '../gen/golem/exam/v1/exam';
 
 export type { ServingStatus };
 
@@ -76,19 +89,52 @@ export class SidecarClient {
     options: Partial<CallOptions>,
     signal?: AbortSignal,
   ): Promise<TakeExamResponse> {
-    return new Promise((resolve, reject) => {
-      if (signal?.aborted) return reject(signal.reason as Error);
-      const onAbort = (): void => {
-        reject(signal?.reason as Error);
-        call.cancel();
-      };
-      const call = this.exam.takeExam(request, metadata, options, (error, response) => {
-        signal?.removeEventListener('abort', onAbort);
-        if (error) reject(error);
-        else resolve(response);
-      });
-      signal?.addEventListener('abort', onAbort, { once: true });
-    });
+    return unary((done) => this.exam.takeExam(request, metadata, options, done), signal);
+  }
+
+  /** Calls StreamExam; the caller reads, and cancels, the stream. */
+  streamExam(request: TakeExamRequest, metadata: Metadata, options: Partial<CallOptions>): ClientReadableStream<ExamChunk> {
+    return this.exam.streamExam(request, metadata, options);
+  }
+
+  /** Calls LoadAdapter, as `takeExam` calls TakeExam. */
+  loadAdapter(
+    request: LoadAdapterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    signal?: AbortSignal,
+  ): Promise<LoadAdapterResponse> {
+    return unary((done) => this.exam.loadAdapter(request, metadata, options, done), signal);
+  }
+
+  /** Calls UnloadAdapter, as `takeExam` calls TakeExam. */
+  unloadAdapter(
+    request: UnloadAdapterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    signal?: AbortSignal,
+  ): Promise<UnloadAdapterResponse> {
+    return unary((done) => this.exam.unloadAdapter(request, metadata, options, done), signal);
+  }
+
+  /** Calls ListAdapters, as `takeExam` calls TakeExam. */
+  listAdapters(
+    request: ListAdaptersRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    signal?: AbortSignal,
+  ): Promise<ListAdaptersResponse> {
+    return unary((done) => this.exam.listAdapters(request, metadata, options, done), signal);
+  }
+
+  /** Calls CompareAdapters, as `takeExam` calls TakeExam. */
+  compareAdapters(
+    request: CompareAdaptersRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    signal?: AbortSignal,
+  ): Promise<CompareAdaptersResponse> {
+    return unary((done) => this.exam.compareAdapters(request, metadata, options, done), signal);
   }
 
   /** Asks the sidecar how the exam service is doing; rejects when it cannot be reached in time. */
@@ -135,4 +181,27 @@ export class SidecarClient {
     this.health.close();
     this.exam.close();
   }
+}
+
+/**
+ * Runs one unary call as a promise: a failed call rejects with its ServiceError; aborting
+ * `signal` cancels the call and rejects with the signal's reason.
+ */
+function unary<T>(
+  start: (done: (error: ServiceError | null, response: T) => void) => ClientUnaryCall,
+  signal?: AbortSignal,
+): Promise<T> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason as Error);
+    const onAbort = (): void => {
+      reject(signal?.reason as Error);
+      call.cancel();
+    };
+    const call = start((error, response) => {
+      signal?.removeEventListener('abort', onAbort);
+      if (error) reject(error);
+      else resolve(response);
+    });
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
 }

@@ -12,7 +12,12 @@ import {
 import { loadSync } from '@grpc/proto-loader';
 import path from 'node:path';
 import { service as healthService } from 'grpc-health-check';
-import { ExamServiceClient, type TakeExamRequest, type TakeExamResponse } from '../../src/gen/golem/exam/v1/exam';
+import {
+  ExamServiceClient,
+  TakeExamRequest,
+  type ExamChunk,
+  type TakeExamResponse,
+} from '../../src/gen/golem/exam/v1/exam';
 import { parseErrorDetails, type ErrorDetails } from '../../src/gateway/errors';
 
 export interface CallResult {
@@ -29,7 +34,7 @@ export function takeExam(
   metadata = new Metadata(),
   options: Partial<CallOptions> = {},
 ): Promise<CallResult> {
-  const full: TakeExamRequest = { quantization: undefined, disableAdapter: false, ...request };
+  const full = TakeExamRequest.fromPartial(request);
   return new Promise((resolve) => {
     let headers: Metadata | undefined;
     const call = client.takeExam(full, metadata, options, (error, response) => {
@@ -188,4 +193,47 @@ export function watchHealth(address: string, service: string): HealthWatch {
     });
   });
   return { statuses, ended, cancel: () => stream.cancel() };
+}
+
+export interface StreamResult {
+  texts: string[];
+  final?: TakeExamResponse;
+  error?: ServiceError;
+  details?: ErrorDetails;
+}
+
+/** Calls StreamExam and collects every chunk; `onChunk` may cancel the call midway. */
+export function streamExam(
+  client: ExamServiceClient,
+  request: Partial<TakeExamRequest>,
+  onChunk: (chunk: ExamChunk, cancel: () => void) => void = () => undefined,
+): Promise<StreamResult> {
+  const stream = client.streamExam(TakeExamRequest.fromPartial(request), new Metadata());
+  const result: StreamResult = { texts: [] };
+  return new Promise((resolve) => {
+    stream.on('data', (chunk: ExamChunk) => {
+      if (chunk.text !== undefined) result.texts.push(chunk.text);
+      if (chunk.final) result.final = chunk.final;
+      onChunk(chunk, () => stream.cancel());
+    });
+    stream.on('error', (error: ServiceError) => {
+      resolve({ ...result, error, details: parseErrorDetails(error.metadata) });
+    });
+    stream.on('status', (status: { code: number }) => {
+      if (status.code === 0) resolve(result);
+    });
+  });
+}
+
+/** Calls any unary ExamService method and collects the answer or the error with its details. */
+export function unaryCall<Req, Res>(
+  start: (request: Req, metadata: Metadata, callback: (error: ServiceError | null, response: Res) => void) => unknown,
+  request: Req,
+): Promise<{ response?: Res; error?: ServiceError; details?: ErrorDetails }> {
+  return new Promise((resolve) => {
+    start(request, new Metadata(), (error, response) => {
+      if (error) resolve({ error, details: parseErrorDetails(error.metadata) });
+      else resolve({ response });
+    });
+  });
 }

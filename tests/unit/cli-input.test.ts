@@ -31,6 +31,7 @@ describe('parseExamInput', () => {
         quantization: { loadIn4bit: true, bnb4bitComputeDtype: 'float16' },
         expectedAnswer: 'Fantasy',
         disableAdapter: true,
+        stop: [],
       },
     });
   });
@@ -46,6 +47,13 @@ describe('parseExamInput', () => {
       quantization: undefined,
       expectedAnswer: undefined,
       disableAdapter: false,
+      temperature: undefined,
+      topP: undefined,
+      topK: undefined,
+      seed: undefined,
+      stop: [],
+      repetitionPenalty: undefined,
+      adapterName: undefined,
     });
   });
 
@@ -62,11 +70,21 @@ describe('parseExamInput', () => {
     expect(violations(text)).toEqual([expect.stringMatching(pattern)]);
   });
 
+  it('maps the sampling keys onto the request', () => {
+    const text = '{"temperature": 0.7, "topP": 0.9, "topK": 5, "seed": 42, "stop": ["\\n"], "repetitionPenalty": 1.2, "adapterName": "genres"}';
+    expect(parseExamInput(text)).toMatchObject({
+      ok: true,
+      request: { temperature: 0.7, topP: 0.9, topK: 5, seed: 42, stop: ['\n'], repetitionPenalty: 1.2, adapterName: 'genres' },
+    });
+    expect(violations('{"stop": "x"}')).toEqual([expect.stringMatching(/^stop: /)]);
+    expect(violations('{"seed": -1}')).toEqual([expect.stringMatching(/^seed: /)]);
+  });
+
   it('names unknown keys, nested ones with their path', () => {
-    expect(violations('{"modelname": "x", "quantization": {"loadIn4bit": true}, "temperature": 1}').sort()).toEqual([
+    expect(violations('{"modelname": "x", "quantization": {"loadIn4bit": true}, "beams": 1}').sort()).toEqual([
+      'beams: unknown key',
       'modelname: unknown key (did you mean modelName?)',
       'quantization.loadIn4bit: unknown key (did you mean loadIn4Bit?)',
-      'temperature: unknown key',
     ]);
   });
 

@@ -29,6 +29,10 @@ describe('loadConfig', () => {
       shutdownGraceMs: 10000,
       maxMessageBytes: 1048576,
       maxInputBytes: 65536,
+      maxBatchSize: 32,
+      batchWaitMs: 5,
+      maxQueue: 256,
+      maxAdapters: 8,
     });
     expect(config.sidecar).toMatchObject({ maxRestarts: 5, restartBackoffMs: 500, restartBackoffMaxMs: 10000 });
     expect(config.security).toEqual({

@@ -1,11 +1,11 @@
 import fc from 'fast-check';
-import type { TakeExamRequest } from '../../src/gen/golem/exam/v1/exam';
+import { TakeExamRequest } from '../../src/gen/golem/exam/v1/exam';
 import { COMPUTE_DTYPES, validateTakeExam } from '../../src/gateway/validation';
 
 const limits = { maxNewTokensCap: 64 };
 
 function request(fields: Partial<TakeExamRequest>): TakeExamRequest {
-  return { quantization: undefined, disableAdapter: false, ...fields };
+  return TakeExamRequest.fromPartial(fields);
 }
 
 function fieldsOf(fields: Partial<TakeExamRequest>): string[] {
@@ -85,6 +85,7 @@ describe('validateTakeExam', () => {
       ),
       expectedAnswer: text,
       disableAdapter: fc.boolean(),
+      stop: fc.constant<string[]>([]),
     });
     fc.assert(
       fc.property(arbitraryRequest, (req) => {
@@ -98,5 +99,34 @@ describe('validateTakeExam', () => {
       }),
       { numRuns: 500 },
     );
+  });
+
+  it('checks the sampling fields with the sidecar limits', () => {
+    expect(fieldsOf({ temperature: 0, topP: 1, topK: 0, repetitionPenalty: 10, seed: 7 })).toEqual([]);
+    expect(fieldsOf({ temperature: 100.5 })).toEqual(['temperature']);
+    expect(fieldsOf({ temperature: -0.1 })).toEqual(['temperature']);
+    expect(fieldsOf({ topP: 0 })).toEqual(['top_p']);
+    expect(fieldsOf({ topP: Number.NaN })).toEqual(['top_p']);
+    expect(fieldsOf({ topK: -1 })).toEqual(['top_k']);
+    expect(fieldsOf({ repetitionPenalty: 0 })).toEqual(['repetition_penalty']);
+    expect(fieldsOf({ repetitionPenalty: 10.5 })).toEqual(['repetition_penalty']);
+  });
+
+  it('checks stop sequences: at most 8, each 1..128 characters', () => {
+    expect(fieldsOf({ stop: Array.from({ length: 8 }, () => 'x'.repeat(128)) })).toEqual([]);
+    expect(fieldsOf({ stop: Array.from({ length: 9 }, () => 'x') })).toEqual(['stop']);
+    expect(fieldsOf({ stop: [''] })).toEqual(['stop']);
+    expect(fieldsOf({ stop: ['x'.repeat(129)] })).toEqual(['stop']);
+    // Characters, not UTF-16 units: 128 emoji fit.
+    expect(fieldsOf({ stop: ['😀'.repeat(128)] })).toEqual([]);
+  });
+
+  it('checks adapter_name: its pattern, and never with adapter_path or disable_adapter', () => {
+    expect(fieldsOf({ adapterName: 'genre_b-2' })).toEqual([]);
+    expect(fieldsOf({ adapterName: '2genre' })).toEqual(['adapter_name']);
+    expect(fieldsOf({ adapterName: `a${'b'.repeat(64)}` })).toEqual(['adapter_name']);
+    expect(fieldsOf({ adapterName: 'a', adapterPath: 'x' })).toEqual(['adapter_name']);
+    const combined = validateTakeExam(request({ adapterName: 'a', disableAdapter: true }), limits);
+    expect(combined).toEqual([{ field: 'adapter_name', description: 'cannot be combined with disable_adapter' }]);
   });
 });
