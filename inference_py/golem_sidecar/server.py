@@ -62,17 +62,20 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         REQUEST_ID.set(_request_id(context))
         pieces: asyncio.Queue[str] = asyncio.Queue()
         answering = asyncio.ensure_future(self._guarded(self._answer(request, pieces.put_nowait)))
+        getting: asyncio.Future[str] | None = None
         try:
             while not (answering.done() and pieces.empty()):
                 getting = asyncio.ensure_future(pieces.get())
                 await asyncio.wait({getting, answering}, return_when=asyncio.FIRST_COMPLETED)
                 if getting.done():
                     yield exam_pb2.ExamChunk(text=getting.result())
-                else:
-                    getting.cancel()
+                getting.cancel()
         finally:
-            # The caller went away mid-stream: its row leaves the batch at the next token.
+            # The caller went away mid-stream: its row leaves the batch at the next token, and
+            # nothing of this call is left pending on the loop.
             answering.cancel()
+            if getting is not None:
+                getting.cancel()
         result = await _or_abort(context, answering.result())
         yield exam_pb2.ExamChunk(final=to_response(result))
 
