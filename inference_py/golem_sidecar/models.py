@@ -194,9 +194,10 @@ class ResidentModels:
 
     def _attach(self, base: ResidentBase, folder: AdapterFolder, name: str) -> None:
         """Attaches the adapter, or raises ADAPTER_INCOMPATIBLE (FAILED_PRECONDITION) naming what
-        differs: target modules the base lacks (checked before peft touches the base), or
-        tensors whose shapes differ from the base's (peft finds those while loading; the
-        half-attached adapter is then undone)."""
+        differs: target modules the base lacks (checked before peft touches the base), tensors
+        whose shapes differ from the base's (peft finds those while loading; the half-attached
+        adapter is then undone), or, when everything fits, a base_model_name_or_path that names
+        another model (the adapter is then detached again)."""
         missing = missing_targets(folder, _module_names(base.model))
         if missing:
             raise _incompatible(
@@ -217,6 +218,16 @@ class ResidentModels:
             self._undo_attach(base, name, first)
             raise _incompatible(folder, base, _what_differs(exc, peft_name(name))) from exc
         base.model.eval()
+        recorded = folder.base_model_name_or_path
+        if not same_base(recorded, base.model_name):
+            # It fits tensor for tensor, so taking it off again leaves the base as it was.
+            if first:
+                base.model = base.model.unload()
+            else:
+                base.model.delete_adapter(peft_name(name))
+            raise _incompatible(
+                folder, base, f'it was trained on "{recorded}", another model than this base'
+            )
 
     def _undo_attach(self, base: ResidentBase, name: str, first: bool) -> None:
         """Never leave a half-loaded adapter: a failed first attach may have injected layers into
@@ -225,6 +236,27 @@ class ResidentModels:
             self._bases = {k: v for k, v in self._bases.items() if v is not base}
         elif peft_name(name) in base.model.peft_config:
             base.model.delete_adapter(peft_name(name))
+
+
+# Suffixes that name a file format or a quantization of the same weights, not another model.
+_SAME_WEIGHTS_SUFFIX = re.compile(r"(\.gguf|\.safetensors)$|[.-](q\d(_[a-z0-9]+)*|f16|f32|bf16)$")
+
+
+def same_base(recorded: str, model_name: str) -> bool:
+    """Whether the base an adapter records is this model. Only the last path component counts,
+    without format or quantization suffixes: "org/SmolLM2-135M-Instruct" is the same model as
+    "models/SmolLM2-135M-Instruct.Q4_1.gguf", since adapters move between machines and formats.
+    An adapter that records nothing is given the benefit of the doubt."""
+
+    def stem(name: str) -> str:
+        last = name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+        while True:
+            shorter = _SAME_WEIGHTS_SUFFIX.sub("", last)
+            if shorter == last:
+                return last
+            last = shorter
+
+    return not recorded.strip() or stem(recorded) == stem(model_name)
 
 
 def _module_names(model: Any) -> list[str]:

@@ -11,9 +11,9 @@ from peft import PeftModel
 
 from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.config import Security
+from golem_sidecar.decoding import Row, decode_batch
 from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
-from golem_sidecar.generation import encode_prompt, generate
 from golem_sidecar.models import ResidentModels
 from golem_sidecar.placement import Placement
 from tests.rpc import failure
@@ -82,9 +82,9 @@ def test_a_failed_first_attach_leaves_no_half_loaded_base(
     assert again is not base and load_ns > 0
     assert not isinstance(again.model, PeftModel)
     expected = _plain_answer(tiny["model"], None, SEED_PROMPT, 8)
-    encoded = encode_prompt(again.tokenizer, SEED_PROMPT, "cpu")
-    answer = generate(again.model, again.tokenizer, encoded, 8, threading.Event()).answer
-    assert answer == _decode(tiny["model"], expected)
+    row = Row(list(again.tokenizer(SEED_PROMPT)["input_ids"]), None, 8, threading.Event())
+    decode_batch(again.model, again.tokenizer, [row], "cpu", peft=False)
+    assert row.answer == _decode(tiny["model"], expected)
 
 
 def test_missing_targets_are_checked_before_peft_touches_the_base(

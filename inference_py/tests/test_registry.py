@@ -196,3 +196,41 @@ async def test_compare_checks_its_lists(stub: Stub, tiny: dict[str, str]) -> Non
         code, details = await _code(stub.CompareAdapters(request))
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
         assert details.startswith(field)
+
+
+async def test_an_adapter_recording_another_base_is_refused_and_detached(
+    stub: Stub, tiny: dict[str, str], tmp_path: Path
+) -> None:
+    (path,) = _copies(tiny, tmp_path, 1)
+    config = Path(path) / "adapter_config.json"
+    config.write_text(config.read_text().replace(tiny["model"], "other-org/other-model"))
+    before = await stub.TakeExam(exam_pb2.TakeExamRequest(max_new_tokens=8, disable_adapter=True))
+    code, details = await _code(
+        stub.LoadAdapter(exam_pb2.LoadAdapterRequest(name="elsewhere", adapter_path=path))
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "other-org/other-model" in details
+    code, _ = await _code(stub.TakeExam(exam_pb2.TakeExamRequest(adapter_path=path)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    after = await stub.TakeExam(exam_pb2.TakeExamRequest(max_new_tokens=8, disable_adapter=True))
+    assert after.answer == before.answer
+    listed = await stub.ListAdapters(exam_pb2.ListAdaptersRequest())
+    assert all(a.adapter.path != path for a in listed.adapters)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "model", "same"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "models/SmolLM2-135M-Instruct.Q4_1.gguf", True),
+        ("models/a/model", "/elsewhere/model", True),
+        ("", "anything", True),
+        ("distilgpt2", "gpt2", False),
+        ("org/llama-7b", "org/mistral-7b", False),
+    ],
+)
+def test_same_base_ignores_folders_formats_and_quantization(
+    recorded: str, model: str, same: bool
+) -> None:
+    from golem_sidecar.models import same_base
+
+    assert same_base(recorded, model) is same
