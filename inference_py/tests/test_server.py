@@ -8,13 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from tests.conftest import CAP
+from tests.rpc import failure
 
 Stub = exam_pb2_grpc.ExamServiceStub
 
@@ -24,19 +24,9 @@ async def _error(call: object) -> tuple[grpc.aio.AioRpcError, str, list[str]]:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
     err = info.value
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, "every error carries google.rpc.Status details"
-    reason, fields = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info_msg = error_details_pb2.ErrorInfo()
-            detail.Unpack(info_msg)
-            reason = info_msg.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-    return err, reason, fields
+    assert rpc_status.from_call(err) is not None, "every error carries google.rpc.Status details"  # type: ignore[arg-type]
+    found = failure(err)
+    return err, found.reason or "", list(found.fields)
 
 
 async def test_answers_with_the_defaults_and_reports_what_it_used(
