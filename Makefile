@@ -19,11 +19,12 @@ DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run test lint test-py test-js clean
+.PHONY: help setup gen build models run test lint test-py test-js bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
 	@echo "make test   set up, then lint, type-check and run every test"
+	@echo "make bench  set up, then run scripts/bench (docs/benchmarks.md)"
 
 $(STAMPS):
 	mkdir -p $(STAMPS)
@@ -87,6 +88,10 @@ test-js: setup models
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
 
 test: lint test-py test-js
+
+# The benchmark of docs/benchmarks.md (minutes on 2 cores; run it on an otherwise idle machine).
+bench: setup models
+	scripts/bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models

@@ -1,0 +1,339 @@
+"""golem's benchmark: the warm daemon against the seed's one-shot process and against plain
+transformers + peft, on the embedded default and on a tiny model, side by side in one run.
+
+    scripts/bench [--quick] [--out FILE] [--models-dir DIR] [--only default|tiny]
+
+Sections: (1) one-shot process vs warm daemon, (2) the gateway hop, (3) tokens/s by
+concurrency vs a sequential generate loop, (4) one load over 1/4/16 adapters vs the bare base,
+(5) the machine's float32 matmul FLOP/s and each throughput as a fraction of it. Every request
+must succeed: failures are counted, printed, and make the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from bench_oneshot import SEED_PROMPT, generate_greedy, load_with_adapter
+from bench_report import (
+    ADAPTER_COUNTS,
+    FULL,
+    HOP_LEVELS,
+    LOAD,
+    MAX_ADAPTERS,
+    QUICK,
+    THROUGHPUT_LEVELS,
+    Case,
+    Figures,
+    Hop,
+    Load,
+    Plan,
+    render,
+)
+from bench_stack import Stack, running_stack
+from safetensors.torch import load_file, save_file
+
+from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST_TIMEOUT_S = 600.0
+TEMPLATES = (
+    "The story of {} begins",
+    "Chapter one of {} opens on a cold morning when",
+    "The history of {} begins",
+)
+
+
+@dataclass
+class Tally:
+    """Every request sent, and every one that failed (with why)."""
+
+    sent: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- load generation
+
+
+async def _drive(
+    address: str, requests: Sequence[exam_pb2.TakeExamRequest], concurrency: int, tally: Tally
+) -> Load:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        except TimeoutError:
+            raise RuntimeError(f"{address} accepts no connection (gone?)") from None
+        stub = exam_pb2_grpc.ExamServiceStub(channel)
+        queue = iter(requests)
+        latencies: list[float] = []
+        responses: list[exam_pb2.TakeExamResponse] = []
+
+        async def caller() -> None:
+            for request in queue:  # shared: each caller takes the next request
+                started = time.perf_counter()
+                try:
+                    response = await stub.TakeExam(request, timeout=REQUEST_TIMEOUT_S)
+                except grpc.aio.AioRpcError as err:
+                    tally.failures.append(f"{address}: {err.code().name}: {err.details()}")
+                    continue
+                latencies.append(time.perf_counter() - started)
+                responses.append(response)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    tally.sent += len(requests)
+    return Load(wall, latencies, responses)
+
+
+def drive(
+    address: str, requests: Sequence[exam_pb2.TakeExamRequest], concurrency: int, tally: Tally
+) -> Load:
+    """Sends the requests from ``concurrency`` callers at once and times the whole run."""
+    return asyncio.run(_drive(address, requests, concurrency, tally))
+
+
+def exam(case: Case, prompt: str, max_new_tokens: int, **fields: Any) -> exam_pb2.TakeExamRequest:
+    fields.setdefault("adapter_path", case.adapter)
+    if fields.get("disable_adapter"):
+        del fields["adapter_path"]
+    return exam_pb2.TakeExamRequest(
+        model_name=case.model, prompt=prompt, max_new_tokens=max_new_tokens, **fields
+    )
+
+
+def distinct_prompts() -> list[str]:
+    """Story openings over the book titles of data/genres.jsonl: distinct, and long enough
+    answers that decoding, not prefill, dominates (the demo adapter answers genre questions in
+    two tokens)."""
+    lines = (ROOT / "data" / "genres.jsonl").read_text().splitlines()
+    questions = (json.loads(line)["instruction"] for line in lines)
+    titles = dict.fromkeys(re.sub(r"^.* genre (is|of) (.+)\?$", r"\2", q) for q in questions)
+    return [template.format(title) for template in TEMPLATES for title in titles]
+
+
+# ---- the sections
+
+
+def oneshot(case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
+    """(1) A fresh process per question, against the warm daemon through the gateway."""
+    command = [sys.executable, str(ROOT / "scripts" / "bench_oneshot.py")]
+    command += ["--model", case.model, "--adapter", case.adapter, "--prompt", SEED_PROMPT]
+    times = []
+    for _ in range(plan.oneshot_runs):
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        times.append(time.perf_counter() - started)
+        tally.sent += 1
+        if done.returncode != 0:
+            tally.failures.append(f"one-shot exited {done.returncode}: {done.stderr[-500:]}")
+            continue
+        figures.oneshot_answer = json.loads(done.stdout.splitlines()[-1])["answer"]
+    figures.oneshot_s = statistics.median(times)
+
+
+def hop(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
+    """(2) The same max_new_tokens=1 requests straight to the sidecar and through the gateway,
+    in alternating rounds (the machine is shared); medians over the rounds."""
+    prompts = distinct_prompts()
+    for level in HOP_LEVELS:
+        count = plan.hop_requests[level]
+        requests = [exam(case, prompts[i % len(prompts)], 1) for i in range(count)]
+        drive(stack.gateway, requests[:level], level, tally)  # warm-up, not timed
+        runs: dict[str, list[Load]] = {stack.sidecar: [], stack.gateway: []}
+        for round_ in range(plan.hop_rounds):
+            order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+            for address in order:
+                runs[address].append(drive(address, requests, level, tally))
+        direct, through = runs[stack.sidecar], runs[stack.gateway]
+        figures.hop[level] = Hop(
+            direct_p50_ms=statistics.median(r.p50_ms for r in direct),
+            gateway_p50_ms=statistics.median(r.p50_ms for r in through),
+            direct_rps=statistics.median(r.requests_per_s for r in direct),
+            gateway_rps=statistics.median(r.requests_per_s for r in through),
+        )
+
+
+def throughput(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
+    """(3) Generated tokens/s through the gateway at each concurrency, distinct prompts."""
+    prompts = distinct_prompts()
+    for level in THROUGHPUT_LEVELS:
+        count = plan.requests_at(level)
+        requests = [exam(case, prompts[i], plan.max_new_tokens) for i in range(count)]
+        progress(f"{case.label}: throughput at concurrency {level} ({count} requests)")
+        figures.throughput[level] = drive(stack.gateway, requests, level, tally)
+
+
+def sequential(case: Case, plan: Plan, figures: Figures) -> None:
+    """(3) The baseline: one plain transformers + peft ``generate`` call after another, on the
+    prompts and max_new_tokens of concurrency 32, in this process while the daemon idles."""
+    model, tokenizer = load_with_adapter(case.model, case.adapter)
+    figures.params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    prompts = distinct_prompts()[: plan.requests_at(LOAD)]
+    generate_greedy(model, tokenizer, prompts[0], plan.max_new_tokens)  # warm-up
+    started, tokens = time.perf_counter(), 0
+    for prompt in prompts:
+        tokens += len(generate_greedy(model, tokenizer, prompt, plan.max_new_tokens))
+    figures.sequential_tokens_per_s = tokens / (time.perf_counter() - started)
+    figures.sequential_mean_tokens = tokens / len(prompts)
+
+
+def perturbed_copies(adapter: Path, out: Path, count: int) -> list[str]:
+    """Copies of the adapter, each with its own small noise on every weight: distinct adapters
+    that cost what the original costs."""
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    copies = []
+    for i in range(count):
+        noise = torch.Generator().manual_seed(i)
+        folder = out / f"adapter_{i:02d}"
+        folder.mkdir(parents=True)
+        shutil.copy(adapter / "adapter_config.json", folder)
+        noisy = {
+            name: t + 0.05 * t.std() * torch.randn(t.shape, generator=noise)
+            for name, t in tensors.items()
+        }
+        save_file(noisy, str(folder / "adapter_model.safetensors"))
+        copies.append(str(folder))
+    return copies
+
+
+def adapters(
+    stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally, workdir: Path
+) -> None:
+    """(4) The same load at concurrency 32 spread round-robin over 1, 4 and 16 adapters, and on
+    the bare base (disable_adapter)."""
+    copies = perturbed_copies(Path(case.adapter), workdir / "adapters", max(ADAPTER_COUNTS))
+    prompts = distinct_prompts()[: plan.adapter_requests]
+    # Attach every copy before timing: loading is not what this section measures.
+    drive(stack.gateway, [exam(case, prompts[0], 1, adapter_path=c) for c in copies], LOAD, tally)
+    new = plan.max_new_tokens
+    loads = {"base": [exam(case, p, new, disable_adapter=True) for p in prompts]}
+    for count in ADAPTER_COUNTS:
+        loads[str(count)] = [
+            exam(case, p, new, adapter_path=copies[i % count]) for i, p in enumerate(prompts)
+        ]
+    for name, requests in loads.items():
+        progress(f"{case.label}: concurrency {LOAD} over adapters={name}")
+        figures.adapters[name] = drive(stack.gateway, requests, LOAD, tally)
+
+
+def bench_model(case: Case, plan: Plan, tally: Tally, workdir: Path) -> Figures:
+    """Sections 1 to 4 on one model, with its own sidecar and gateway."""
+    figures = Figures(case)
+    progress(f"{case.label}: starting sidecar and gateway")
+    with running_stack(ROOT, case.model, case.adapter, workdir, MAX_ADAPTERS) as stack:
+        hobbit = [exam(case, SEED_PROMPT, 20) for _ in range(plan.warm_runs)]
+        drive(stack.gateway, hobbit[:1], 1, tally)  # warm-up
+        warm = drive(stack.gateway, hobbit, 1, tally)
+        figures.warm_ms = warm.p50_ms
+        figures.warm_answer = warm.responses[0].answer if warm.responses else ""
+        progress(f"{case.label}: one-shot processes ({plan.oneshot_runs})")
+        oneshot(case, plan, figures, tally)
+        progress(f"{case.label}: gateway hop")
+        hop(stack, case, plan, figures, tally)
+        throughput(stack, case, plan, figures, tally)
+        progress(f"{case.label}: sequential transformers + peft loop")
+        sequential(case, plan, figures)
+        adapters(stack, case, plan, figures, tally, workdir)
+    return figures
+
+
+def matmul_flops(repeats: int) -> dict[int, float]:
+    """(5) Best float32 FLOP/s of square matmuls, at torch's own thread count."""
+    result = {}
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - started)
+        result[n] = 2 * n**3 / best
+    return result
+
+
+# ---- the command
+
+
+def cases(models_dir: Path, workdir: Path, only: str | None) -> list[Case]:
+    found = []
+    if only in (None, "default"):
+        model = models_dir / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        adapter = models_dir / "adapters" / "genres" / "checkpoint-final"
+        if not model.is_file() or not (adapter / "adapter_config.json").is_file():
+            sys.exit(f"bench: no default model or adapter under {models_dir} (run `make models`)")
+        found.append(Case("SmolLM2-135M", str(model), str(adapter)))
+    if only in (None, "tiny"):
+        builder = ROOT / "inference_py" / "tests" / "tiny_models.py"
+        built = subprocess.run(
+            [sys.executable, str(builder), str(workdir / "tiny")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        paths = json.loads(built.stdout.splitlines()[-1])
+        found.append(Case("tiny Llama", paths["model"], paths["adapter"]))
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter requests")
+    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--only", choices=("default", "tiny"), help="measure one model only")
+    args = parser.parse_args()
+    if not (ROOT / "dist" / "cli" / "main.js").is_file():
+        parser.error("the gateway is not built (run `make build`)")
+    # A plain `kill` stops the run like a Ctrl-C does: every process it started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    plan = QUICK if args.quick else FULL
+    tally = Tally()
+    load_before = os.getloadavg()[0]
+    progress("matmul FLOP/s")
+    flops = matmul_flops(plan.matmul_repeats)
+    with tempfile.TemporaryDirectory(prefix="golem-bench-") as tmp:
+        workdir = Path(tmp)
+        measured = [
+            bench_model(case, plan, tally, workdir / str(i))
+            for i, case in enumerate(cases(args.models_dir.resolve(), workdir, args.only))
+        ]
+    report = render(measured, flops, plan, args.quick, load_before)
+    report += f"\nRequests sent: {tally.sent}, failed: {len(tally.failures)}.\n"
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+    for failure in tally.failures:
+        print(f"bench: failed: {failure}", file=sys.stderr)
+    return 1 if tally.failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted; the processes it started are stopped", file=sys.stderr)
+        sys.exit(130)
+    except RuntimeError as err:
+        sys.exit(f"bench: {err}")
