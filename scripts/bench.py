@@ -298,10 +298,14 @@ def cases(models_dir: Path, workdir: Path, only: str | None) -> list[Case]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer and shorter requests")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
-    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument(
+        "--models-dir", type=Path, default=ROOT / "models", help="holds smollm2/ and adapters/"
+    )
     parser.add_argument("--only", choices=("default", "tiny"), help="measure one model only")
     args = parser.parse_args()
     if not (ROOT / "dist" / "cli" / "main.js").is_file():

@@ -44,7 +44,9 @@ def generate_greedy(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="a model folder or .gguf file")
     parser.add_argument("--adapter", required=True, help="a PEFT adapter folder")
     parser.add_argument("--prompt", default=SEED_PROMPT)

@@ -104,12 +104,11 @@ def running_stack(
     (workdir / "gateway.json").write_text(json.dumps(config))
     config["limits"]["maxAdapters"] = max_adapters
     (workdir / "sidecar.json").write_text(json.dumps(config))
-    golem = str(root / "bin" / "golem.js")
+    python, golem = [sys.executable, "-m", "golem_sidecar"], str(root / "bin" / "golem.js")
     commands = {
-        sidecar: [sys.executable, "-m", "golem_sidecar", "--listen", sidecar, "--config", ""],
+        sidecar: [*python, "--listen", sidecar, "--config", str(workdir / "sidecar.json")],
         gateway: ["node", golem, "serve", "--config", str(workdir / "gateway.json")],
     }
-    commands[sidecar][-1] = str(workdir / "sidecar.json")
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
     with contextlib.ExitStack() as stack:
         for address, command in commands.items():
