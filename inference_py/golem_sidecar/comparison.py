@@ -9,7 +9,7 @@ from pathlib import Path
 
 from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
 from golem_sidecar.config import SidecarConfig
-from golem_sidecar.decoding import BASE_ADAPTER, Row, decode_batch
+from golem_sidecar.decoding import BASE_ADAPTER, Row, decode_batch, eos_ids, pad_id
 from golem_sidecar.errors import invalid_argument
 from golem_sidecar.exam import ADAPTER_NAME
 from golem_sidecar.gen import exam_pb2
@@ -121,7 +121,8 @@ def _score(
     names: list[str | None],
     chunk: int,
 ) -> None:
-    eos = {base.tokenizer.eos_token_id}
+    # The same ids that ended the answers while decoding.
+    eos = eos_ids(base.model, base.tokenizer)
     items, owners = [], []
     for answers in table:
         for answer in answers:
@@ -133,7 +134,8 @@ def _score(
             for label, name in zip(labels, names, strict=True):
                 items.append(ScoreItem(answer.row.prompt_ids, tokens, name))
                 owners.append((answer, label))
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-    scores = mean_logprobs(base.model, items, pad, base.input_device, base.is_peft, chunk)
+    scores = mean_logprobs(
+        base.model, items, pad_id(base.tokenizer), base.input_device, base.is_peft, chunk
+    )
     for (answer, label), score in zip(owners, scores, strict=True):
         answer.mean_logprob[label] = score

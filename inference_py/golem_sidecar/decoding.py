@@ -49,13 +49,19 @@ class Row:
         return bool(self.finish_reason)
 
 
-def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids that end an answer: the model's generation config, else the tokenizer's eos."""
     configured = model.generation_config.eos_token_id
     if configured is None:
         configured = tokenizer.eos_token_id
     if configured is None:
         return set()
     return {int(i) for i in configured} if isinstance(configured, list) else {int(configured)}
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Padding is masked out, so any id will do when the tokenizer names none."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -160,12 +166,10 @@ def decode_batch(
     model: Any, tokenizer: PreTrainedTokenizerBase, rows: list[Row], device: Any, peft: bool
 ) -> None:
     """Runs every row to its end (eos, stop sequence, token budget or cancellation)."""
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     generators = {id(r): make_generator(r.params) for r in rows}
     with torch.inference_mode():
-        # Padding is masked out, so any id will do when the tokenizer names none.
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batch = _Batch(model, rows, pad_id, device, peft)
+        batch = _Batch(model, rows, pad_id(tokenizer), device, peft)
         while batch.rows:
             tokens = []
             for row, logits in zip(batch.rows, batch.logits, strict=True):
