@@ -35,10 +35,13 @@ class AdapterFolder:
     target_modules: tuple[str, ...] | str | None = None
     # Tensor names in the safetensors header; None for pickle weights, which have no header.
     weight_keys: frozenset[str] | None = None
+    # The weights file's resolved path, size and modification time: two folders (or two
+    # spellings of one folder) with the same identity hold the same weights.
+    identity: tuple[str, int, int] = ("", 0, 0)
 
 
 def check_adapter_folder(
-    path: str, allow_pickle: bool, roots: tuple[Path, ...] = ()
+    path: str, allow_pickle: bool, roots: tuple[Path, ...] = (), field: str = "adapter_path"
 ) -> AdapterFolder:
     """Checks that ``path`` is a loadable adapter folder (a Trainer checkpoint folder counts).
 
@@ -47,12 +50,12 @@ def check_adapter_folder(
     FAILED_PRECONDITION with ADAPTER_CONFIG_MISSING, ADAPTER_CONFIG_INVALID,
     ADAPTER_PICKLE_REFUSED, ADAPTER_WEIGHTS_MISSING or ADAPTER_WEIGHTS_CORRUPT.
     """
-    confine(path, roots, "adapter_path")
+    confine(path, roots, field)
     folder = as_path(path)
     found = kind(folder)
     if found is None:
         raise not_found(
-            "adapter_path",
+            field,
             "ADAPTER_NOT_FOUND",
             f'no adapter at "{path}" (looked in {folder.absolute()})',
         )
@@ -60,69 +63,81 @@ def check_adapter_folder(
         raise GolemError(
             grpc.StatusCode.INVALID_ARGUMENT,
             "ADAPTER_NOT_A_DIRECTORY",
-            f'adapter_path: "{path}" is a file; give the adapter folder',
-            "adapter_path",
+            f'{field}: "{path}" is a file; give the adapter folder',
+            field,
         )
     # The folder is inside the roots; its files may be symlinks, and must not lead out either.
     for name in (CONFIG_FILE, SAFETENSORS_FILE, PICKLE_FILE) if roots else ():
         if kind(folder / name) is not None:
-            confine(str(folder / name), roots, "adapter_path")
-    config = _read_adapter_config(folder, path)
-    weight_keys = _check_weights(folder, path, allow_pickle)
+            confine(str(folder / name), roots, field)
+    config = _read_adapter_config(folder, path, field)
+    weights = _check_weights(folder, path, allow_pickle, field)
     return AdapterFolder(
         path=path,
         resolved=folder.resolve(),
         peft_type=str(config["peft_type"]),
         base_model_name_or_path=str(config.get("base_model_name_or_path") or ""),
         target_modules=_target_modules(config.get("target_modules")),
-        weight_keys=weight_keys,
+        weight_keys=_read_header(weights, path, field) if weights.suffix != ".bin" else None,
+        identity=_identity(weights),
     )
 
 
-def _read_adapter_config(folder: Path, path: str) -> dict[str, object]:
+def _identity(weights: Path) -> tuple[str, int, int]:
+    info = weights.stat()
+    return (str(weights.resolve()), info.st_size, info.st_mtime_ns)
+
+
+def _read_adapter_config(folder: Path, path: str, field: str) -> dict[str, object]:
     config_path = folder / CONFIG_FILE
-    if kind(config_path) != "file":
+    found = kind(config_path)
+    if found == "other":
         raise failed_precondition(
-            "adapter_path", "ADAPTER_CONFIG_MISSING", f'"{path}" has no {CONFIG_FILE}'
+            field,
+            "ADAPTER_CONFIG_INVALID",
+            f'{CONFIG_FILE} in "{path}" is not a regular file',
         )
+    if found != "file":
+        raise failed_precondition(field, "ADAPTER_CONFIG_MISSING", f'"{path}" has no {CONFIG_FILE}')
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         # ValueError covers both malformed JSON and bytes that are not UTF-8.
         raise failed_precondition(
-            "adapter_path",
+            field,
             "ADAPTER_CONFIG_INVALID",
             f'{CONFIG_FILE} in "{path}" is not JSON: {exc}',
         ) from exc
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise failed_precondition(
-            "adapter_path",
+            field,
             "ADAPTER_CONFIG_INVALID",
             f'{CONFIG_FILE} in "{path}" is not a PEFT config (no "peft_type")',
         )
     return config
 
 
-def _check_weights(folder: Path, path: str, allow_pickle: bool) -> frozenset[str] | None:
-    """The safetensors tensor names, or None when pickle weights are allowed and present."""
+def _check_weights(folder: Path, path: str, allow_pickle: bool, field: str) -> Path:
+    """The weights file to load: safetensors, or pickle when that is allowed and all there is.
+    Only regular files count: anything else (a FIFO) would block whoever reads it."""
     weights = folder / SAFETENSORS_FILE
     if kind(weights) == "file":
-        return _read_header(weights, path)
+        return weights
     if kind(folder / PICKLE_FILE) == "file":
         if allow_pickle:
-            return None
+            return folder / PICKLE_FILE
         raise failed_precondition(
-            "adapter_path",
+            field,
             "ADAPTER_PICKLE_REFUSED",
             f'"{path}" holds only {PICKLE_FILE}, a pickle that can run code when loaded; '
             "convert it to safetensors, or set security.allowPickle in the config to load it",
         )
     raise failed_precondition(
-        "adapter_path", "ADAPTER_WEIGHTS_MISSING", f'"{path}" has no {SAFETENSORS_FILE}'
+        field, "ADAPTER_WEIGHTS_MISSING", f'"{path}" has no {SAFETENSORS_FILE} (a regular file)'
     )
 
 
-def _read_header(weights: Path, path: str) -> frozenset[str]:
+def _read_header(weights: Path, path: str, field: str) -> frozenset[str]:
     """Reads only the header: safetensors checks that it is JSON and that its tensors cover the
     file exactly, so a truncated or overwritten file is caught here (ADAPTER_WEIGHTS_CORRUPT,
     FAILED_PRECONDITION) instead of halfway through attaching it to a base."""
@@ -131,7 +146,7 @@ def _read_header(weights: Path, path: str) -> frozenset[str]:
             return frozenset(tensors.keys())
     except (SafetensorError, OSError) as exc:
         raise failed_precondition(
-            "adapter_path",
+            field,
             "ADAPTER_WEIGHTS_CORRUPT",
             f'{SAFETENSORS_FILE} in "{path}" is truncated or corrupt: {exc}',
         ) from exc

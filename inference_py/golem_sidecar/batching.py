@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,14 +62,34 @@ class BatchQueue:
         self._limits = limits
         self._run_batch = run_batch
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=limits.max_queue)
+        # Rows of other work on this base (CompareAdapters) count against the same bound.
+        self._reserved = 0
+        self._busy = False
         self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, reserved or running: the queue can go without losing work."""
+        return self._queue.empty() and not self._reserved and not self._busy
 
     def submit(self, pending: Pending) -> None:
         """Queues a request, or refuses it at once when the queue is full."""
+        if self._queue.qsize() + self._reserved >= self._limits.max_queue:
+            raise overloaded(self._queue.qsize() + self._reserved)
+        self._queue.put_nowait(pending)
+
+    @contextlib.contextmanager
+    def reserve(self, rows: int) -> Iterator[None]:
+        """Holds ``rows`` places of the bounded queue for work that runs outside it; refused
+        at once (QUEUE_FULL) when they are not free."""
+        waiting = self._queue.qsize() + self._reserved
+        if waiting + rows > self._limits.max_queue:
+            raise overloaded(waiting)
+        self._reserved += rows
         try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            raise overloaded(self._queue.qsize()) from None
+            yield
+        finally:
+            self._reserved -= rows
 
     async def _gather(self) -> list[Pending]:
         batch = [await self._queue.get()]
@@ -94,6 +114,7 @@ class BatchQueue:
             batch = await self._gather()
             if not batch:
                 continue
+            self._busy = True
             try:
                 await self._run_batch(batch)
             except Exception as exc:  # one broken batch must not stop the queue
@@ -101,6 +122,12 @@ class BatchQueue:
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(exc)
+            finally:
+                self._busy = False
+
+    def stop(self) -> None:
+        """Stops an idle queue's task (its base has gone; a new queue comes with a new base)."""
+        self._task.cancel()
 
     async def close(self) -> None:
         self._task.cancel()

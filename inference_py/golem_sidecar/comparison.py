@@ -1,19 +1,21 @@
-"""CompareAdapters: the same prompts answered by the bare base and by each adapter in one batched
-pass, then every answer scored under every one of those models."""
+"""CompareAdapters: the same prompts answered by the bare base and by each adapter in batched
+passes, then every answer scored under every one of those models."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
+from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.decoding import BASE_ADAPTER, Row, decode_batch, eos_ids, pad_id
-from golem_sidecar.errors import invalid_argument
-from golem_sidecar.exam import ADAPTER_NAME
+from golem_sidecar.errors import caller_gone, invalid_argument
+from golem_sidecar.exam import ADAPTER_NAME, max_new_tokens
+from golem_sidecar.gate import ModelRef, path_field, resolve_adapter, resolve_model, text_field
 from golem_sidecar.gen import exam_pb2
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
+from golem_sidecar.paths import as_path, kind
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 from golem_sidecar.scoring import ScoreItem, mean_logprobs
 
@@ -31,11 +33,16 @@ class ComparedModel:
 
 @dataclass(frozen=True)
 class CompareSpec:
-    model_name: str
+    model: ModelRef
     placement: Placement
     prompts: tuple[str, ...]
     models: tuple[ComparedModel, ...]
     max_new_tokens: int
+
+    @property
+    def rows(self) -> int:
+        """Rows decoded: every prompt by the bare base and by each adapter."""
+        return len(self.prompts) * (len(self.models) + 1)
 
 
 @dataclass
@@ -45,39 +52,55 @@ class ComparedAnswer:
     mean_logprob: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_compare(request: exam_pb2.CompareAdaptersRequest, config: SidecarConfig) -> CompareSpec:
-    """Validates a CompareAdaptersRequest; names that look like adapter names and are not
-    folders are taken as registered adapters."""
+def resolve_compare(
+    request: exam_pb2.CompareAdaptersRequest,
+    config: SidecarConfig,
+    is_resident: Callable[[str], bool],
+) -> CompareSpec:
+    """Validates a CompareAdaptersRequest through the gate; names that look like adapter names
+    and are not folders are taken as registered adapters. Two entries naming the same weights
+    (two spellings of one folder) are refused before anything is loaded."""
     prompts = tuple(request.prompts)
-    if not 1 <= len(prompts) <= MAX_PROMPTS or any(not p.strip() for p in prompts):
-        raise invalid_argument("prompts", f"give 1 to {MAX_PROMPTS} non-empty prompts")
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise invalid_argument("prompts", f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+    for prompt in prompts:
+        text_field("prompts", prompt, max_chars=config.limits.max_message_bytes)
     if not 1 <= len(request.adapters) <= MAX_ADAPTERS:
-        raise invalid_argument("adapters", f"give 1 to {MAX_ADAPTERS} adapters")
-    if len(set(request.adapters)) != len(request.adapters):
-        raise invalid_argument("adapters", "each adapter may appear once")
-    models = tuple(_compared(label, config) for label in request.adapters)
-    max_new = request.max_new_tokens if request.HasField("max_new_tokens") else None
-    if max_new is not None and not 1 <= max_new <= config.limits.max_new_tokens_cap:
         raise invalid_argument(
-            "max_new_tokens", f"must be 1..{config.limits.max_new_tokens_cap}, got {max_new}"
+            "adapters", f"give 1 to {MAX_ADAPTERS} adapters, got {len(request.adapters)}"
         )
+    models = tuple(_compared(label, config) for label in request.adapters)
+    _refuse_duplicates(models)
     defaults = config.defaults
+    model_name = request.model_name if request.HasField("model_name") else defaults.model_name
     return CompareSpec(
-        model_name=request.model_name if request.HasField("model_name") else defaults.model_name,
+        model=resolve_model("model_name", model_name, config.security, is_resident),
         placement=resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization),
         prompts=prompts,
         models=models,
-        max_new_tokens=max_new or defaults.max_new_tokens,
+        max_new_tokens=max_new_tokens(request, config),
     )
 
 
 def _compared(label: str, config: SidecarConfig) -> ComparedModel:
+    path_field("adapters", label)
     # A bare word that is no folder here is a registered adapter's name.
-    if ADAPTER_NAME.match(label) and not Path(label).exists():
+    if ADAPTER_NAME.match(label) and kind(as_path(label)) is None:
         return ComparedModel(label, None, label)
-    security = config.security
-    folder = check_adapter_folder(label, security.allow_pickle, security.adapter_roots)
-    return ComparedModel(label, folder, None)
+    return ComparedModel(label, resolve_adapter("adapters", label, config.security), None)
+
+
+def _refuse_duplicates(models: tuple[ComparedModel, ...]) -> None:
+    seen: dict[object, str] = {}
+    for compared in models:
+        key = compared.registered or (compared.folder.identity if compared.folder else None)
+        if key in seen:
+            raise invalid_argument(
+                "adapters",
+                f'"{compared.label}" names the same adapter as "{seen[key]}"; give each once',
+                reason="DUPLICATE_ADAPTER",
+            )
+        seen[key] = compared.label
 
 
 def run_comparison(
@@ -85,9 +108,33 @@ def run_comparison(
     base: ResidentBase,
     spec: CompareSpec,
     cancelled: threading.Event,
-    chunk: int,
+    max_batch: int,
+    max_tokens: int,
+    check_context: Callable[[ResidentBase, int, int], None],
 ) -> list[list[ComparedAnswer]]:
-    """Answers, then scores; runs on the model thread."""
+    """Answers, then scores; runs on the model thread, in passes no larger than one batch."""
+    names = _attach(models, base, spec)
+    labels = [BASE_ADAPTER, *(m.label for m in spec.models)]
+    table = []
+    for prompt in spec.prompts:
+        prompt_ids = list(base.tokenizer(prompt)["input_ids"])
+        check_context(base, len(prompt_ids), spec.max_new_tokens)
+        table.append(
+            [
+                ComparedAnswer(label, Row(prompt_ids, name, spec.max_new_tokens, cancelled))
+                for label, name in zip(labels, names, strict=True)
+            ]
+        )
+    rows = [answer.row for answers in table for answer in answers]
+    for group in _row_groups(rows, max_batch, max_tokens, spec.max_new_tokens):
+        if cancelled.is_set():
+            raise caller_gone()
+        decode_batch(base.model, base.tokenizer, group, base.input_device, base.is_peft)
+    _score(base, table, labels, names, max_tokens, cancelled)
+    return table
+
+
+def _attach(models: ResidentModels, base: ResidentBase, spec: CompareSpec) -> list[str | None]:
     names: list[str | None] = [None]
     pinned: set[str] = set()
     for compared in spec.models:
@@ -96,22 +143,30 @@ def run_comparison(
         else:
             assert compared.folder is not None
             name, _ = models.adapter(base, compared.folder, pinned=pinned)
+        if name in pinned:
+            # A registered name and a path can name the same weights; each is compared once.
+            raise invalid_argument(
+                "adapters",
+                f'"{compared.label}" names an adapter that another entry names too',
+                reason="DUPLICATE_ADAPTER",
+            )
         pinned.add(name)
         names.append(peft_name(name))
-    labels = [BASE_ADAPTER, *(m.label for m in spec.models)]
-    table = []
-    for prompt in spec.prompts:
-        prompt_ids = list(base.tokenizer(prompt)["input_ids"])
-        table.append(
-            [
-                ComparedAnswer(label, Row(prompt_ids, name, spec.max_new_tokens, cancelled))
-                for label, name in zip(labels, names, strict=True)
-            ]
-        )
-    rows = [answer.row for answers in table for answer in answers]
-    decode_batch(base.model, base.tokenizer, rows, base.input_device, base.is_peft)
-    _score(base, table, labels, names, chunk)
-    return table
+    return names
+
+
+def _row_groups(rows: list[Row], max_batch: int, max_tokens: int, new: int) -> Iterator[list[Row]]:
+    """Rows in passes of at most ``max_batch`` rows and ``max_tokens`` padded tokens."""
+    group: list[Row] = []
+    for row in rows:
+        candidate = [*group, row]
+        width = max(len(r.prompt_ids) for r in candidate) + new
+        if group and (len(candidate) > max_batch or len(candidate) * width > max_tokens):
+            yield group
+            candidate = [row]
+        group = candidate
+    if group:
+        yield group
 
 
 def _score(
@@ -119,7 +174,8 @@ def _score(
     table: list[list[ComparedAnswer]],
     labels: list[str],
     names: list[str | None],
-    chunk: int,
+    max_tokens: int,
+    cancelled: threading.Event,
 ) -> None:
     # The same ids that ended the answers while decoding.
     eos = eos_ids(base.model, base.tokenizer)
@@ -135,7 +191,13 @@ def _score(
                 items.append(ScoreItem(answer.row.prompt_ids, tokens, name))
                 owners.append((answer, label))
     scores = mean_logprobs(
-        base.model, items, pad_id(base.tokenizer), base.input_device, base.is_peft, chunk
+        base.model,
+        items,
+        pad_id(base.tokenizer),
+        base.input_device,
+        base.is_peft,
+        max_tokens,
+        cancelled,
     )
     for (answer, label), score in zip(owners, scores, strict=True):
         answer.mean_logprob[label] = score

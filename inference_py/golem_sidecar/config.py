@@ -57,6 +57,11 @@ class Limits:
     max_queue: int = 256
     # Adapters kept attached per base; beyond it the least recently used is evicted.
     max_adapters: int = 8
+    # Bases kept resident; beyond it the least recently used is dropped.
+    max_models: int = 2
+    # Padded tokens one forward pass may hold (rows x longest row): batches, comparisons and
+    # scoring are split to stay under it, so no request's size sets the memory peak.
+    max_batch_tokens: int = 65_536
     # On SIGTERM/SIGINT, calls in flight get this long to finish before they are ended with
     # UNAVAILABLE (reason SHUTTING_DOWN).
     shutdown_grace_ms: int = 10_000
@@ -181,6 +186,8 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         batch_wait_ms=_get(lim, "batchWaitMs", "limits", int, Limits.batch_wait_ms),
         max_queue=_get(lim, "maxQueue", "limits", int, Limits.max_queue),
         max_adapters=_get(lim, "maxAdapters", "limits", int, Limits.max_adapters),
+        max_models=_get(lim, "maxModels", "limits", int, Limits.max_models),
+        max_batch_tokens=_get(lim, "maxBatchTokens", "limits", int, Limits.max_batch_tokens),
         shutdown_grace_ms=_get(lim, "shutdownGraceMs", "limits", int, Limits.shutdown_grace_ms),
         max_message_bytes=_get(lim, "maxMessageBytes", "limits", int, Limits.max_message_bytes),
     )
@@ -189,6 +196,8 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
     _within(limits, "batchWaitMs", "batch_wait_ms", 0)
     _within(limits, "maxQueue", "max_queue", 1)
     _within(limits, "maxAdapters", "max_adapters", 1)
+    _within(limits, "maxModels", "max_models", 1)
+    _within(limits, "maxBatchTokens", "max_batch_tokens", 256)
     _within(limits, "shutdownGraceMs", "shutdown_grace_ms", 0)
     # Below this even an ordinary answer or error status would not fit.
     _within(limits, "maxMessageBytes", "max_message_bytes", 4096)

@@ -13,16 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from golem_sidecar.sampling import SamplingParams, choose_next, make_generator
+from golem_sidecar.errors import GolemError, invalid_argument
+from golem_sidecar.sampling import NonFiniteScores, SamplingParams, choose_next, make_generator
 
 BASE_ADAPTER = "__base__"
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
 FINISH_CANCELLED = "cancelled"
+# The row failed alone (its scores became non-finite); ``Row.error`` says why.
+FINISH_ERROR = "error"
 
 
 @dataclass(eq=False)
@@ -42,6 +46,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     answer: str = ""
     finish_reason: str = ""
+    error: GolemError | None = None
     _emitted: int = 0
 
     @property
@@ -62,6 +67,24 @@ def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """Padding is masked out, so any id will do when the tokenizer names none."""
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def row_failed(params: SamplingParams, exc: NonFiniteScores) -> GolemError:
+    """The error of a row whose scores became NaN or infinite."""
+    if exc.stage == "sampling":
+        field = "repetition_penalty" if params.repetition_penalty != 1.0 else "temperature"
+        return invalid_argument(
+            field,
+            f"temperature {params.temperature:g} with repetition_penalty "
+            f"{params.repetition_penalty:g} made this request's token scores non-finite; use "
+            "values nearer 1",
+            reason="SAMPLING_DEGENERATE",
+        )
+    return GolemError(
+        grpc.StatusCode.INTERNAL,
+        "MODEL_OUTPUT_NON_FINITE",
+        "the model produced non-finite scores for this prompt (NaN or infinity in its logits)",
+    )
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -178,7 +201,13 @@ def decode_batch(
                     tokens.append(0)
                     continue
                 seen = row.prompt_ids + row.generated
-                token = choose_next(logits, row.params, generators[id(row)], seen)
+                try:
+                    token = choose_next(logits, row.params, generators[id(row)], seen)
+                except NonFiniteScores as exc:
+                    # This row alone leaves the batch with its own error; the others go on.
+                    row.finish_reason, row.error = FINISH_ERROR, row_failed(row.params, exc)
+                    tokens.append(0)
+                    continue
                 _advance(row, token, tokenizer, eos)
                 tokens.append(token)
             active = [t for t, r in zip(tokens, batch.rows, strict=True) if not r.done]

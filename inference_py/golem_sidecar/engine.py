@@ -15,17 +15,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
+from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
 from golem_sidecar.comparison import ComparedAnswer, CompareSpec, run_comparison
 from golem_sidecar.config import Security, SidecarConfig
-from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_STOP, Row, decode_batch
+from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_ERROR, FINISH_STOP, Row, decode_batch
 from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
+from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.grading import Grade, grade
-from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, model_key, peft_name
-from golem_sidecar.paths import confine_model_name
+from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
+from golem_sidecar.registry import LoadSpec, UnloadSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class ExamEngine:
             batch_wait_s=config.limits.batch_wait_ms / 1000,
             max_queue=config.limits.max_queue,
         )
-        self._models = ResidentModels(config.security, config.limits.max_adapters)
+        limits = config.limits
+        self._models = ResidentModels(config.security, limits.max_adapters, limits.max_models)
+        self._max_tokens = limits.max_batch_tokens
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="golem-model")
         self._queues: dict[BaseKey, BatchQueue] = {}
         # Held by the worker while it runs a job; shutdown asks whether the worker is free.
@@ -92,6 +95,30 @@ class ExamEngine:
         with self._running:
             return call()
 
+    def is_resident(self, model_key: str) -> bool:
+        """Whether a base with this key is in memory (the gate asks, from its own threads)."""
+        return self._models.has_model(model_key)
+
+    async def _queue_for(self, model: ModelRef, placement: Placement) -> BatchQueue:
+        """The batch queue of this base. Per-base state exists only once the base has loaded:
+        a name that cannot be loaded leaves nothing behind."""
+        key = BaseKey(model.key, placement)
+        queue = self._queues.get(key)
+        if queue is None:
+            await self._on_worker(self._models.base, model, placement)
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = BatchQueue(self._limits, self._run_batch)
+        self._prune_queues()
+        return queue
+
+    def _prune_queues(self) -> None:
+        """Drops the idle queues of bases that were evicted (limits.maxModels)."""
+        for key, queue in list(self._queues.items()):
+            if queue.idle and not self._models.has(key):
+                queue.stop()
+                del self._queues[key]
+
     async def take_exam(
         self,
         spec: ExamSpec,
@@ -100,10 +127,7 @@ class ExamEngine:
     ) -> ExamResult:
         """Answers one exam in the next batch of its base. If the calling task is cancelled, its
         row leaves the batch at the next token and the other rows carry on."""
-        key = BaseKey(model_key(spec.model_name), spec.placement)
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = BatchQueue(self._limits, self._run_batch)
+        queue = await self._queue_for(spec.model, spec.placement)
         loop = asyncio.get_running_loop()
         streamed = None if on_text is None else _threadsafe(loop, on_text)
         pending = Pending(spec, cancelled, loop.create_future(), streamed)
@@ -130,16 +154,16 @@ class ExamEngine:
         outcomes: dict[int, ExamResult | BaseException] = {}
         spec = batch[0].spec
         try:
-            base, base_ns = self._models.base(spec.model_name, spec.placement)
+            base, base_ns = self._models.base(spec.model, spec.placement)
             prepared = self._prepare(base, batch, started, base_ns, outcomes)
         except GolemError as err:
             return [err for _ in batch]
-        if prepared:
-            rows = [p.row for p in prepared]
+        for group in _token_groups(prepared, self._max_tokens):
+            rows = [p.row for p in group]
             decode_started = time.perf_counter_ns()
             decode_batch(base.model, base.tokenizer, rows, base.input_device, base.is_peft)
             decode_ns = time.perf_counter_ns() - decode_started
-            for item in prepared:
+            for item in group:
                 outcomes[id(item.pending)] = self._result(base, item, decode_ns, len(rows))
         return [outcomes[id(p)] for p in batch]
 
@@ -169,7 +193,7 @@ class ExamEngine:
             # A failed first attach can leave layers injected into the base, which is then
             # dropped: the others must not decode on it, so this batch is prepared again.
             retry = [p.pending for p in prepared]
-            fresh, reload_ns = self._models.base(base.model_name, base.placement)
+            fresh, reload_ns = self._models.base(base.ref, base.placement)
             return self._prepare(fresh, retry, started, base_ns + reload_ns, outcomes)
         return prepared
 
@@ -190,7 +214,7 @@ class ExamEngine:
     def _row(self, base: ResidentBase, pending: Pending, adapter: str | None) -> Row:
         spec = pending.spec
         prompt_ids = list(base.tokenizer(spec.prompt)["input_ids"])
-        _check_context(base, len(prompt_ids), spec.max_new_tokens)
+        check_context(base, len(prompt_ids), spec.max_new_tokens)
         return Row(
             prompt_ids=prompt_ids,
             adapter=peft_name(adapter) if adapter else None,
@@ -212,6 +236,8 @@ class ExamEngine:
                 extra={"answer_tokens": len(row.generated), "max_new_tokens": spec.max_new_tokens},
             )
             return caller_gone()
+        if row.finish_reason == FINISH_ERROR and row.error is not None:
+            return row.error
         decode = base.tokenizer.decode
         if row.finish_reason == FINISH_STOP:
             full_text = str(decode(row.prompt_ids, skip_special_tokens=True)) + row.answer
@@ -242,31 +268,27 @@ class ExamEngine:
         defaults = self._config.defaults
         return resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
 
-    async def load_adapter(
-        self, name: str, folder: AdapterFolder, model_name: str | None
-    ) -> tuple[ResidentBase, str, int]:
+    async def load_adapter(self, spec: LoadSpec) -> tuple[ResidentBase, str, int]:
         """Attaches an adapter under a name (on the model thread, between batches)."""
-        model = model_name or self._config.defaults.model_name
 
         def load() -> tuple[ResidentBase, str, int]:
-            base, base_ns = self._models.base(model, self._default_placement())
-            attached, load_ns = self._models.adapter(base, folder, name=name)
+            base, base_ns = self._models.base(spec.model, spec.placement)
+            attached, load_ns = self._models.adapter(base, spec.folder, name=spec.name)
             return base, attached, base_ns + load_ns
 
         result: tuple[ResidentBase, str, int] = await self._on_worker(load)
+        self._prune_queues()
         return result
 
-    async def unload_adapter(self, name: str, model_name: str | None) -> None:
+    async def unload_adapter(self, spec: UnloadSpec) -> None:
         """Detaches a named adapter once the batch running now (if any) has finished."""
-        key = BaseKey(
-            model_key(model_name or self._config.defaults.model_name), self._default_placement()
-        )
+        key = BaseKey(spec.model.key, spec.placement)
 
         def unload() -> None:
             base = self._models.find(key)
             if base is None:
-                raise self._models.not_loaded(name, key.model)
-            self._models.unload(base, name)
+                raise self._models.not_loaded(spec.name, spec.model.name)
+            self._models.unload(base, spec.name)
 
         await self._on_worker(unload)
 
@@ -284,14 +306,25 @@ class ExamEngine:
     async def compare(
         self, spec: CompareSpec, cancelled: threading.Event
     ) -> list[list[ComparedAnswer]]:
-        """Base and adapters on the same prompts, in one batched pass on the model thread."""
+        """Base and adapters on the same prompts, batched on the model thread. Its rows hold
+        places in the base's bounded queue while it runs, as the same number of exams would."""
 
         def comparing() -> list[list[ComparedAnswer]]:
-            base, _ = self._models.base(spec.model_name, spec.placement)
-            return run_comparison(self._models, base, spec, cancelled, self._limits.max_batch_size)
+            base, _ = self._models.base(spec.model, spec.placement)
+            return run_comparison(
+                self._models,
+                base,
+                spec,
+                cancelled,
+                self._limits.max_batch_size,
+                self._max_tokens,
+                check_context,
+            )
 
+        queue = await self._queue_for(spec.model, spec.placement)
         try:
-            result: list[list[ComparedAnswer]] = await self._on_worker(comparing)
+            with queue.reserve(spec.rows):
+                result: list[list[ComparedAnswer]] = await self._on_worker(comparing)
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -305,9 +338,9 @@ class ExamEngine:
 
     def _preload_sync(self) -> None:
         defaults, security = self._config.defaults, self._config.security
-        # Requests that leave model_name out are confined; so is the model they would get.
-        confine_model_name(defaults.model_name, security.model_roots)
-        base, _ = self._models.base(defaults.model_name, self._default_placement())
+        # Requests that leave model_name out go through the gate; so does the model they get.
+        model = resolve_model("model_name", defaults.model_name, security, self.is_resident)
+        base, _ = self._models.base(model, self._default_placement())
         adapter = _default_adapter(defaults.adapter_path, security)
         if adapter is not None:
             self._models.adapter(base, adapter)
@@ -318,6 +351,7 @@ class ExamEngine:
         for queue in self._queues.values():
             await queue.close()
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._queues.clear()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Whether the worker became free within ``timeout_s``; a model load cannot be
@@ -341,7 +375,7 @@ def _threadsafe(
 
 def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
     try:
-        return check_adapter_folder(path, security.allow_pickle, security.adapter_roots)
+        return resolve_adapter("adapter_path", path, security)
     except GolemError as err:
         if err.reason not in ("ADAPTER_NOT_FOUND", "PATH_OUTSIDE_ROOTS"):
             raise
@@ -352,7 +386,24 @@ def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
         return None
 
 
-def _check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:
+def _token_groups(prepared: list[_Prepared], max_tokens: int) -> list[list[_Prepared]]:
+    """The batch in decode passes of at most ``max_tokens`` padded tokens (rows x the longest
+    prompt plus its new tokens): long prompts are decoded in smaller company."""
+    groups: list[list[_Prepared]] = []
+    group: list[_Prepared] = []
+    for item in prepared:
+        candidate = [*group, item]
+        width = max(len(p.row.prompt_ids) + p.row.max_new_tokens for p in candidate)
+        if group and len(candidate) * width > max_tokens:
+            groups.append(group)
+            candidate = [item]
+        group = candidate
+    if group:
+        groups.append(group)
+    return groups
+
+
+def check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:
     """A prompt that cannot fit the model's context is refused before generating."""
     limit = getattr(base.model.config, "max_position_embeddings", None)
     if not isinstance(limit, int):

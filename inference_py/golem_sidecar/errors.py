@@ -9,7 +9,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-DOMAIN = "golem.dev"
+from golem_sidecar.wire import ERROR_DOMAIN as DOMAIN
+
 # Messages echo callers' input (paths, names). The status travels in trailers, twice (grpc-message
 # percent-encoded, and grpc-status-details-bin), and gRPC clients drop a call whose trailers pass
 # 8-16 KiB, so a message is cut to this many UTF-8 bytes.
@@ -86,6 +87,11 @@ def failed_precondition(field: str | None, reason: str, message: str) -> GolemEr
     """The request is well formed but this daemon or machine cannot serve it as it stands."""
     text = f"{field}: {message}" if field else message
     return GolemError(grpc.StatusCode.FAILED_PRECONDITION, reason, text, field)
+
+
+def already_exists(field: str, reason: str, message: str) -> GolemError:
+    """The name is taken by something else; unload it first or choose another."""
+    return GolemError(grpc.StatusCode.ALREADY_EXISTS, reason, f"{field}: {message}", field)
 
 
 def caller_gone() -> GolemError:

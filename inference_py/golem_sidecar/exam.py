@@ -1,17 +1,19 @@
 """Turning a TakeExamRequest into a checked ExamSpec: defaults filled in, every field validated,
-the adapter folder checked and paths confined to the configured roots. Cheap work only; nothing
-is loaded here."""
+model and adapter resolved through the gate (gate.py). Nothing is loaded here; this runs on the
+gate's file-check threads, never on the event loop."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
+from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.errors import invalid_argument
+from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model, text_field
 from golem_sidecar.gen import exam_pb2
-from golem_sidecar.paths import confine_model_name
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 from golem_sidecar.sampling import SamplingParams
 
@@ -23,7 +25,7 @@ MAX_STOP_CHARS = 128
 class ExamSpec:
     """One exam question, fully resolved."""
 
-    model_name: str
+    model: ModelRef
     # None when the caller asked for the bare base (disable_adapter) or named an adapter.
     adapter: AdapterFolder | None
     prompt: str
@@ -35,25 +37,17 @@ class ExamSpec:
     # A registered adapter (LoadAdapter), used instead of a path.
     adapter_name: str | None = None
 
-
-def _text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
-    if not request.HasField(field):
-        return default
-    value: str = getattr(request, field)
-    if not value.strip():
-        raise invalid_argument(field, "must not be empty")
-    return value
+    @property
+    def model_name(self) -> str:
+        return self.model.name
 
 
-def _path_text(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
-    value = _text(request, field, default)
-    # No file system takes a NUL in a path; refused here rather than crashing a check later.
-    if "\x00" in value:
-        raise invalid_argument(field, "must not contain NUL characters")
-    return value
+def _given(request: exam_pb2.TakeExamRequest, field: str, default: str) -> str:
+    return str(getattr(request, field)) if request.HasField(field) else default
 
 
-def _max_new_tokens(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> int:
+def max_new_tokens(request: Any, config: SidecarConfig) -> int:
+    """The request's max_new_tokens (TakeExam, CompareAdapters), checked against the cap."""
     if not request.HasField("max_new_tokens"):
         return config.defaults.max_new_tokens
     value = request.max_new_tokens
@@ -78,28 +72,36 @@ def _quantization(request: exam_pb2.TakeExamRequest) -> QuantizationRequest:
     )
 
 
-def resolve_exam(request: exam_pb2.TakeExamRequest, config: SidecarConfig) -> ExamSpec:
+def resolve_exam(
+    request: exam_pb2.TakeExamRequest,
+    config: SidecarConfig,
+    is_resident: Callable[[str], bool],
+) -> ExamSpec:
     """Validates the request and fills left-out fields from the configured defaults."""
     defaults, security = config.defaults, config.security
-    model_name = _path_text(request, "model_name", defaults.model_name)
-    confine_model_name(model_name, security.model_roots)
-    prompt = _text(request, "prompt", defaults.prompt)
-    max_new_tokens = _max_new_tokens(request, config)
+    model_name = _given(request, "model_name", defaults.model_name)
+    model = resolve_model("model_name", model_name, security, is_resident)
+    # The prompt's real bound is the model's context, checked once it is tokenised.
+    prompt = text_field("prompt", _given(request, "prompt", defaults.prompt), 2**31)
     placement = resolve_placement(
-        _text(request, "device", defaults.device), _quantization(request), defaults.quantization
+        text_field("device", _given(request, "device", defaults.device), 64),
+        _quantization(request),
+        defaults.quantization,
     )
     adapter, adapter_name = None, None
     if request.HasField("adapter_name"):
         adapter_name = _adapter_name(request)
     elif not request.disable_adapter:
-        adapter_path = _path_text(request, "adapter_path", defaults.adapter_path)
-        adapter = check_adapter_folder(adapter_path, security.allow_pickle, security.adapter_roots)
-    expected = request.expected_answer if request.HasField("expected_answer") else None
+        adapter_path = _given(request, "adapter_path", defaults.adapter_path)
+        adapter = resolve_adapter("adapter_path", adapter_path, security)
+    expected = None
+    if request.HasField("expected_answer"):
+        expected = text_field("expected_answer", request.expected_answer)
     return ExamSpec(
-        model_name,
+        model,
         adapter,
         prompt,
-        max_new_tokens,
+        max_new_tokens(request, config),
         placement,
         expected,
         _sampling(request),
@@ -112,7 +114,8 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 def check_adapter_name(field_name: str, name: str) -> str:
-    """Adapter names become peft module keys: a letter, then letters, digits, _ or -."""
+    """A caller's adapter name: a letter, then letters, digits, _ or -. Names the registry makes
+    up (models.MADE_UP_PREFIX) start otherwise, so a caller can never choose one."""
     if not ADAPTER_NAME.match(name):
         raise invalid_argument(
             field_name,
@@ -152,6 +155,7 @@ def _sampling(request: exam_pb2.TakeExamRequest) -> SamplingParams:
     if top_k < 0:
         raise invalid_argument("top_k", f"must be 0 (all tokens) or more, got {top_k}")
     return SamplingParams(
+        # Below sampling.TEMPERATURE_FLOOR the request is greedy (SamplingParams.greedy).
         temperature=temperature or 0.0,
         top_p=1.0 if top_p is None else top_p,
         top_k=top_k,

@@ -17,7 +17,8 @@ from transformers import (
 
 from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError, failed_precondition, not_found
-from golem_sidecar.paths import as_path, is_hub_id, kind
+from golem_sidecar.gate import ModelRef
+from golem_sidecar.paths import kind
 from golem_sidecar.placement import Placement, quantization_failed
 
 log = logging.getLogger(__name__)
@@ -26,39 +27,14 @@ _4BIT_FAILURES = (ImportError, RuntimeError, ValueError)
 _NOT_THE_MODEL = (MemoryError, torch.cuda.OutOfMemoryError)
 
 
-def _source(model_name: str) -> tuple[str, dict[str, Any]]:
-    """Where from_pretrained reads from, and the extra arguments that kind of source needs.
-
-    MODEL_NOT_FOUND (NOT_FOUND) for a local path with nothing there, or a name that is neither
-    a local path nor shaped like a hub id."""
-    path = as_path(model_name)
-    if model_name.endswith(".gguf"):
-        if kind(path) != "file":
-            raise not_found("model_name", "MODEL_NOT_FOUND", f'no GGUF file at "{model_name}"')
+def _source(model: ModelRef) -> tuple[str, dict[str, Any]]:
+    """Where from_pretrained reads from, and the extra arguments that kind of source needs. The
+    model was resolved and checked by the gate (gate.resolve_model): its key is read, never the
+    caller's text again."""
+    if model.key.endswith(".gguf"):
+        path = Path(model.key)
         return str(path.parent), {"gguf_file": path.name}
-    if kind(path) == "dir":
-        _check_model_folder(path, model_name)
-        return str(path), {}
-    if not is_hub_id(model_name):
-        raise not_found("model_name", "MODEL_NOT_FOUND", f'no model folder at "{model_name}"')
-    return model_name, {}
-
-
-def _check_model_folder(folder: Path, model_name: str) -> None:
-    """A local folder must hold a model: MODEL_NOT_FOUND without a config.json, and
-    MODEL_INVALID (FAILED_PRECONDITION) for an adapter folder, which transformers would quietly
-    swap for the base its adapter_config.json names, wherever that is."""
-    if kind(folder / "adapter_config.json") is not None:
-        raise failed_precondition(
-            "model_name",
-            "MODEL_INVALID",
-            f'"{model_name}" is a PEFT adapter folder; give it as adapter_path and its base '
-            "as model_name",
-        )
-    if kind(folder / "config.json") != "file":
-        raise not_found(
-            "model_name", "MODEL_NOT_FOUND", f'"{model_name}" is a folder without config.json'
-        )
+    return model.key, {}
 
 
 def _check_no_pickle_only(source: str, security: Security) -> None:
@@ -74,15 +50,15 @@ def _check_no_pickle_only(source: str, security: Security) -> None:
         )
 
 
-def load_tokenizer(model_name: str, security: Security) -> PreTrainedTokenizerBase:
+def load_tokenizer(model: ModelRef, security: Security) -> PreTrainedTokenizerBase:
     """The tokenizer, ready for batched generation: a pad token and left padding."""
-    source, extra = _source(model_name)
+    source, extra = _source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=security.trust_remote_code, **extra
         )
     except Exception as exc:
-        refusal = _load_refusal(model_name, exc, None)
+        refusal = _load_refusal(model.name, exc, None)
         if refusal is None:
             raise
         raise refusal from exc
@@ -116,9 +92,9 @@ def _fill_special_tokens_from_gguf(tokenizer: PreTrainedTokenizerBase, gguf_path
             log.info("took %s (id %d) from %s metadata", attr, token_id, gguf_path.name)
 
 
-def load_model(model_name: str, placement: Placement, security: Security) -> PreTrainedModel:
+def load_model(model: ModelRef, placement: Placement, security: Security) -> PreTrainedModel:
     """The base model, on the placement's device, in eval mode."""
-    source, extra = _source(model_name)
+    source, extra = _source(model)
     _check_no_pickle_only(source, security)
     kwargs: dict[str, Any] = {
         "trust_remote_code": security.trust_remote_code,
@@ -133,14 +109,14 @@ def load_model(model_name: str, placement: Placement, security: Security) -> Pre
             load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, placement.compute_dtype)
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
-        refusal = _load_refusal(model_name, exc, placement)
+        refusal = _load_refusal(model.name, exc, placement)
         if refusal is None:
             raise
         raise refusal from exc
-    model.eval()
-    return model
+    loaded.eval()
+    return loaded
 
 
 def _load_refusal(

@@ -13,7 +13,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Set
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
@@ -21,9 +20,9 @@ from transformers import PreTrainedTokenizerBase
 
 from golem_sidecar.adapters import AdapterFolder, missing_targets
 from golem_sidecar.config import Security
-from golem_sidecar.errors import GolemError, failed_precondition, not_found
+from golem_sidecar.errors import GolemError, already_exists, failed_precondition, not_found
+from golem_sidecar.gate import ModelRef
 from golem_sidecar.loading import load_model, load_tokenizer
-from golem_sidecar.paths import as_path, kind
 from golem_sidecar.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,24 @@ class BaseKey:
 
 @dataclass
 class ResidentBase:
-    model_name: str
+    ref: ModelRef
     placement: Placement
     tokenizer: PreTrainedTokenizerBase
     # The plain model while no adapter is attached, a PeftModel while any is.
     model: Any
     # Adapter name -> its folder, least recently used first.
     adapters: OrderedDict[str, AdapterFolder] = field(default_factory=OrderedDict)
-    # Resolved folder -> adapter name, so a path names the adapter loaded from it.
-    by_path: dict[Path, str] = field(default_factory=dict)
+    # Weights identity -> adapter name, so every spelling of a folder names one adapter.
+    by_identity: dict[tuple[str, int, int], str] = field(default_factory=dict)
     uses: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def model_name(self) -> str:
+        return self.ref.name
+
+    @property
+    def key(self) -> BaseKey:
+        return BaseKey(self.ref.key, self.placement)
 
     @property
     def input_device(self) -> Any:
@@ -69,45 +76,62 @@ class ResidentBase:
         return str(self.model.dtype).removeprefix("torch.")
 
 
+# Names the registry makes up for adapters used by path. Callers' names must start with a letter
+# (exam.ADAPTER_NAME), so no name a caller may choose can ever equal one of these.
+MADE_UP_PREFIX = "~adapter-"
+
+
 def peft_name(name: str) -> str:
-    """The name an adapter has inside peft. A prefix keeps registry names such as "a" from
-    clashing with peft's own parameter prefixes ("lora_"), which would corrupt loading."""
-    return f"golem_{name}"
-
-
-def model_key(model_name: str) -> str:
-    """Local paths are keyed by their absolute form, so "./m" and "m" share one base."""
-    path = as_path(model_name)
-    return str(path.resolve()) if kind(path) is not None else model_name
+    """The name an adapter has inside peft: a module key. Prefixes keep registry names such as
+    "a" from clashing with peft's own parameter prefixes ("lora_"), and keep made-up names and
+    callers' names in separate namespaces inside peft too."""
+    if name.startswith(MADE_UP_PREFIX):
+        return f"golem_p_{name.removeprefix(MADE_UP_PREFIX)}"
+    return f"golem_n_{name}"
 
 
 class ResidentModels:
     """The bases and adapters this sidecar keeps in memory."""
 
-    def __init__(self, security: Security, max_adapters: int = 8) -> None:
+    def __init__(self, security: Security, max_adapters: int = 8, max_models: int = 2) -> None:
         self._security = security
         self._max_adapters = max_adapters
-        self._bases: dict[BaseKey, ResidentBase] = {}
+        self._max_models = max_models
+        # Least recently used first.
+        self._bases: OrderedDict[BaseKey, ResidentBase] = OrderedDict()
         self._names = itertools.count()
 
-    def base(self, model_name: str, placement: Placement) -> tuple[ResidentBase, int]:
+    def has(self, key: BaseKey) -> bool:
+        return key in self._bases
+
+    def has_model(self, model_key: str) -> bool:
+        """Whether some placement of this model is resident (read from the event loop's file
+        checks too: a dict lookup, safe without a lock)."""
+        return any(key.model == model_key for key in list(self._bases))
+
+    def base(self, model: ModelRef, placement: Placement) -> tuple[ResidentBase, int]:
         """The resident base for this model and placement, loading it if needed; also returns
-        the nanoseconds spent loading (0 when it was resident)."""
-        key = BaseKey(model_key(model_name), placement)
+        the nanoseconds spent loading (0 when it was resident). Beyond limits.maxModels the
+        least recently used base is dropped first, so memory holds at most that many."""
+        key = BaseKey(model.key, placement)
         resident = self._bases.get(key)
         if resident is not None:
+            self._bases.move_to_end(key)
             return resident, 0
+        while len(self._bases) >= self._max_models:
+            _, old = self._bases.popitem(last=False)
+            log.info("base evicted (least recently used)", extra={"model": old.model_name})
         started = time.perf_counter_ns()
-        tokenizer = load_tokenizer(model_name, self._security)
-        model = load_model(model_name, placement, self._security)
-        if model.generation_config.eos_token_id is None:
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
-        resident = ResidentBase(model_name, placement, tokenizer, model)
+        tokenizer = load_tokenizer(model, self._security)
+        loaded = load_model(model, placement, self._security)
+        if loaded.generation_config.eos_token_id is None:
+            loaded.generation_config.eos_token_id = tokenizer.eos_token_id
+        resident = ResidentBase(model, placement, tokenizer, loaded)
         self._bases[key] = resident
         elapsed = time.perf_counter_ns() - started
         log.info(
             "base loaded",
-            extra={"model": model_name, "device": placement.device, "load_ms": elapsed // 10**6},
+            extra={"model": model.name, "device": placement.device, "load_ms": elapsed // 10**6},
         )
         return resident, elapsed
 
@@ -124,22 +148,26 @@ class ResidentModels:
         """The name of this adapter on this base, attaching it (under ``name``, or a made-up
         one) if needed; also returns the nanoseconds spent loading it. Beyond the resident
         bound the least recently used adapter is evicted, never one in ``pinned``."""
-        attached = base.by_path.get(folder.resolved)
-        if attached is not None and name in (None, attached):
-            return self._touch(base, attached), 0
-        if name is not None and name in base.adapters:
-            raise failed_precondition(
+        if name is None:
+            attached = base.by_identity.get(folder.identity)
+            if attached is not None:
+                return self._touch(base, attached), 0
+            name = f"{MADE_UP_PREFIX}{next(self._names)}"
+        elif name in base.adapters:
+            if base.adapters[name].identity == folder.identity:
+                return self._touch(base, name), 0
+            # Never swap the weights under a name callers rely on.
+            raise already_exists(
                 "name",
                 "ADAPTER_NAME_TAKEN",
-                f'"{name}" already names the adapter at "{base.adapters[name].path}"; '
-                "unload it first or choose another name",
+                f'"{name}" already names the adapter at "{base.adapters[name].path}" with other '
+                "weights; unload it first or choose another name",
             )
-        name = name or f"adapter_{next(self._names)}"
         started = time.perf_counter_ns()
         log.info("adapter found", extra={"adapter": folder.path, "peft_type": folder.peft_type})
         self._attach(base, folder, name)
         base.adapters[name] = folder
-        base.by_path.setdefault(folder.resolved, name)
+        base.by_identity.setdefault(folder.identity, name)
         self._evict(base, pinned | {name})
         return self._touch(base, name), time.perf_counter_ns() - started
 
@@ -166,8 +194,8 @@ class ResidentModels:
         request ever loses its adapter mid-generation."""
         self.named(base, name)
         folder = base.adapters.pop(name)
-        if base.by_path.get(folder.resolved) == name:
-            del base.by_path[folder.resolved]
+        if base.by_identity.get(folder.identity) == name:
+            del base.by_identity[folder.identity]
         base.uses.pop(name, None)
         if base.adapters:
             base.model.delete_adapter(peft_name(name))
@@ -233,7 +261,7 @@ class ResidentModels:
         """Never leave a half-loaded adapter: a failed first attach may have injected layers into
         the base itself, so that base is dropped and reloaded on next use."""
         if first:
-            self._bases = {k: v for k, v in self._bases.items() if v is not base}
+            self._bases.pop(base.key, None)
         elif peft_name(name) in base.model.peft_config:
             base.model.delete_adapter(peft_name(name))
 

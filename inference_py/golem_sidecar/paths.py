@@ -38,13 +38,16 @@ def as_path(text: str) -> Path:
 
 
 def kind(path: Path) -> str | None:
-    """ "dir", "file", or None when nothing readable is there. Odd paths (too long, a parent
-    that cannot be searched, a symlink loop) count as nothing rather than raising."""
+    """ "dir", "file" (a regular file), "other" (a FIFO, socket or device: never opened, since
+    reading a FIFO blocks forever), or None when nothing readable is there. Odd paths (too long,
+    a parent that cannot be searched, a symlink loop) count as nothing rather than raising."""
     try:
         mode = path.stat().st_mode
     except (OSError, ValueError):
         return None
-    return "dir" if stat.S_ISDIR(mode) else "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "other"
 
 
 def confine(text: str, roots: tuple[Path, ...], field: str) -> None:
@@ -68,7 +71,7 @@ def confine(text: str, roots: tuple[Path, ...], field: str) -> None:
     )
 
 
-def confine_model_name(name: str, roots: tuple[Path, ...]) -> None:
+def confine_model_name(name: str, roots: tuple[Path, ...], field: str = "model_name") -> None:
     """Confines a model name that is a local path; hub ids are not paths and pass.
 
     transformers reads a local folder whose name equals a hub id in preference to the hub, so a
@@ -78,4 +81,4 @@ def confine_model_name(name: str, roots: tuple[Path, ...]) -> None:
     if not roots:
         return
     if not is_hub_id(name) or kind(as_path(name)) is not None:
-        confine(name, roots, "model_name")
+        confine(name, roots, field)

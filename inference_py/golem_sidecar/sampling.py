@@ -11,6 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this are greedy: dividing logits by less can overflow them to infinity.
+TEMPERATURE_FLOOR = 1e-5
+
+
+class NonFiniteScores(ValueError):
+    """A row's scores became NaN or +inf; ``stage`` says whether the model produced them
+    ("model") or this request's sampling settings did ("sampling")."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < TEMPERATURE_FLOOR
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -76,11 +88,20 @@ def choose_next(
     """The next token id for one row; ``logits`` is that row's last-position logits and ``seen``
     the ids of its prompt and answer so far."""
     logits = logits.float()
+    _check_finite(logits, "model")
     if params.repetition_penalty != 1.0:
         seen_ids = torch.tensor(seen, device=logits.device)
         logits = _penalize_repeats(logits, seen_ids, params.repetition_penalty)
+        _check_finite(logits, "sampling")
     if params.greedy:
         return int(logits.argmax())
     logits = _filter_top_p(_filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    _check_finite(logits, "sampling")
     probs = logits.softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check_finite(logits: torch.Tensor, stage: str) -> None:
+    # -inf is a masked token and fine; NaN or +inf would make argmax or multinomial meaningless.
+    if bool(torch.isnan(logits).any() or torch.isposinf(logits).any()):
+        raise NonFiniteScores(stage)

@@ -5,33 +5,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from golem_sidecar.adapters import AdapterFolder, check_adapter_folder
+from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
 from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
 from golem_sidecar.decoding import FINISH_EOS, FINISH_LENGTH, FINISH_STOP
 from golem_sidecar.engine import ExamEngine, ExamResult
-from golem_sidecar.errors import GolemError
-from golem_sidecar.exam import check_adapter_name, resolve_exam
+from golem_sidecar.exam import resolve_exam
+from golem_sidecar.gate import FileChecks
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
-from golem_sidecar.logs import REQUEST_ID
+from golem_sidecar.interceptors import CallInterceptor
 from golem_sidecar.models import ResidentBase
+from golem_sidecar.registry import resolve_load, resolve_unload
 from golem_sidecar.shutdown import CallGate
+from golem_sidecar.wire import EXAM_SERVICE_NAME as SERVICE_NAME
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # After the last call has answered, how long the transport gets to deliver those answers.
 _FLUSH_S = 1.0
-SERVICE_NAME = exam_pb2.DESCRIPTOR.services_by_name["ExamService"].full_name
 _FINISH_REASONS = {
     FINISH_LENGTH: exam_pb2.FINISH_REASON_LENGTH,
     FINISH_EOS: exam_pb2.FINISH_REASON_EOS,
@@ -44,24 +43,28 @@ _GRADE_RULES = {
 
 
 class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
-    def __init__(self, config: SidecarConfig, engine: ExamEngine, gate: CallGate) -> None:
+    """ExamService's handlers: each resolves its request through the gate (on the file-check
+    threads), then asks the engine. Request ids, the shutdown gate and error mapping are the
+    interceptor's (interceptors.py); a handler refuses by raising GolemError."""
+
+    def __init__(self, config: SidecarConfig, engine: ExamEngine, files: FileChecks) -> None:
         self._config = config
         self._engine = engine
-        self._gate = gate
+        self._files = files
+
+    async def _resolve(self, resolve: Callable[..., T], request: Any) -> T:
+        return await self._files.run(resolve, request, self._config, self._engine.is_resident)
 
     async def TakeExam(
         self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.TakeExamResponse:
-        REQUEST_ID.set(_request_id(context))
-        result = await _or_abort(context, await self._guarded(self._answer(request, None)))
-        return to_response(result)
+        return to_response(await self._answer(request, None))
 
     async def StreamExam(
         self, request: exam_pb2.TakeExamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[exam_pb2.ExamChunk]:
-        REQUEST_ID.set(_request_id(context))
         pieces: asyncio.Queue[str] = asyncio.Queue()
-        answering = asyncio.ensure_future(self._guarded(self._answer(request, pieces.put_nowait)))
+        answering = asyncio.ensure_future(self._answer(request, pieces.put_nowait))
         getting: asyncio.Future[str] | None = None
         try:
             while not (answering.done() and pieces.empty()):
@@ -76,40 +79,22 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
             answering.cancel()
             if getting is not None:
                 getting.cancel()
-        result = await _or_abort(context, answering.result())
-        yield exam_pb2.ExamChunk(final=to_response(result))
+        yield exam_pb2.ExamChunk(final=to_response(answering.result()))
 
     async def LoadAdapter(
         self, request: exam_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.LoadAdapterResponse:
-        REQUEST_ID.set(_request_id(context))
-
-        async def load() -> exam_pb2.LoadAdapterResponse:
-            name = check_adapter_name("name", request.name)
-            security = self._config.security
-            folder = check_adapter_folder(
-                request.adapter_path, security.allow_pickle, security.adapter_roots
-            )
-            model = request.model_name if request.HasField("model_name") else None
-            base, attached, load_ns = await self._engine.load_adapter(name, folder, model)
-            resident = _resident(base, attached, base.adapters[attached], base.uses[attached])
-            log.info("adapter loaded", extra={"adapter": attached, "path": folder.path})
-            return exam_pb2.LoadAdapterResponse(adapter=resident, load_ns=load_ns)
-
-        return await _or_abort(context, await self._guarded(load()))
+        spec = await self._resolve(resolve_load, request)
+        base, attached, load_ns = await self._engine.load_adapter(spec)
+        resident = _resident(base, attached, base.adapters[attached], base.uses[attached])
+        log.info("adapter loaded", extra={"adapter": attached, "path": spec.folder.path})
+        return exam_pb2.LoadAdapterResponse(adapter=resident, load_ns=load_ns)
 
     async def UnloadAdapter(
         self, request: exam_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.UnloadAdapterResponse:
-        REQUEST_ID.set(_request_id(context))
-
-        async def unload() -> exam_pb2.UnloadAdapterResponse:
-            name = check_adapter_name("name", request.name)
-            model = request.model_name if request.HasField("model_name") else None
-            await self._engine.unload_adapter(name, model)
-            return exam_pb2.UnloadAdapterResponse()
-
-        return await _or_abort(context, await self._guarded(unload()))
+        await self._engine.unload_adapter(await self._resolve(resolve_unload, request))
+        return exam_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(
         self, request: exam_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
@@ -120,52 +105,18 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
     async def CompareAdapters(
         self, request: exam_pb2.CompareAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.CompareAdaptersResponse:
-        REQUEST_ID.set(_request_id(context))
-
-        async def compare() -> exam_pb2.CompareAdaptersResponse:
-            spec = resolve_compare(request, self._config)
-            table = await self._engine.compare(spec, threading.Event())
-            return _comparison_response(spec.prompts, table)
-
-        return await _or_abort(context, await self._guarded(compare()))
+        spec = await self._resolve(resolve_compare, request)
+        table = await self._engine.compare(spec, threading.Event())
+        return _comparison_response(spec.prompts, table)
 
     async def _answer(
         self, request: exam_pb2.TakeExamRequest, on_text: Callable[[str], None] | None
     ) -> ExamResult:
-        spec = resolve_exam(request, self._config)
+        spec = await self._resolve(resolve_exam, request)
         self._debug_text("exam received", prompt=spec.prompt)
         result = await self._engine.take_exam(spec, threading.Event(), on_text)
         self._log_result(result)
         return result
-
-    async def _guarded(self, work: Awaitable[T]) -> T | GolemError:
-        """Runs one call's work; every failure becomes the GolemError the caller receives."""
-        try:
-            # Shutdown refuses new calls here, and ends those still running when grace is over.
-            with self._gate.admit():
-                return await self._gate.until_expiry(work)
-        except GolemError as err:
-            log.warning(
-                "call refused",
-                extra={"code": err.code.name, "reason": err.reason, "error": err.message},
-            )
-            return err
-        except asyncio.CancelledError:
-            log.info("call cancelled by the caller")
-            raise
-        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-            log.error("out of memory", extra={"error": str(exc)})
-            return GolemError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "OUT_OF_MEMORY",
-                "the model ran out of memory; retry later or ask for fewer max_new_tokens",
-                retry_after_s=5.0,
-            )
-        except Exception as exc:
-            log.exception("call failed")
-            return GolemError(
-                grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
-            )
 
     def _debug_text(self, message: str, **texts: str) -> None:
         # Prompts and answers are the caller's data: debug level only, never in production.
@@ -187,14 +138,6 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
             },
         )
         self._debug_text("exam answer", answer=gen.answer)
-
-
-async def _or_abort(context: grpc.aio.ServicerContext, outcome: T | GolemError) -> T:
-    """The result, or the call ends here with the error's status and details."""
-    if isinstance(outcome, GolemError):
-        await context.abort_with_status(outcome.to_status())
-        raise AssertionError("abort_with_status returns only by raising")
-    return outcome
 
 
 def _adapter_info(folder: AdapterFolder) -> exam_pb2.AdapterInfo:
@@ -228,13 +171,6 @@ def _comparison_response(
                 mean_logprob=answer.mean_logprob,
             )
     return response
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return str(value)
-    return uuid.uuid4().hex
 
 
 def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
@@ -283,17 +219,19 @@ class Sidecar:
         self.config = config
         self.engine = ExamEngine(config)
         self.gate = CallGate()
+        self.files = FileChecks()
         self.health = health.aio.HealthServicer()
         size = config.limits.max_message_bytes
         # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before parsing any of it.
         self.server = grpc.aio.server(
+            interceptors=[CallInterceptor(self.gate)],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
-            ]
+            ],
         )
         exam_pb2_grpc.add_ExamServiceServicer_to_server(
-            ExamServicer(config, self.engine, self.gate), self.server
+            ExamServicer(config, self.engine, self.files), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -324,3 +262,4 @@ class Sidecar:
             log.warning("calls ended by shutdown", extra={"calls": cut_short, "grace_s": grace})
         await self.server.stop(_FLUSH_S)
         await self.engine.close()
+        self.files.close()

@@ -18,7 +18,7 @@ from golem_sidecar.models import ResidentModels
 from golem_sidecar.placement import Placement
 from tests.rpc import failure
 from tests.test_generation import _decode, _plain_answer
-from tests.tiny_models import SEED_PROMPT
+from tests.tiny_models import SEED_PROMPT, local_model
 
 Stub = exam_pb2_grpc.ExamServiceStub
 CPU = Placement(device="cpu", dtype="float32", load_in_4bit=False)
@@ -73,12 +73,12 @@ def test_a_failed_first_attach_leaves_no_half_loaded_base(
     """The first adapter turns the base into a PeftModel in place; when peft fails halfway the
     base is dropped, and the next use loads it again, clean."""
     models = ResidentModels(Security())
-    base, _ = models.base(tiny["model"], CPU)
+    base, _ = models.base(local_model(tiny["model"]), CPU)
     foreign = check_adapter_folder(bad["adapter_other_size"], allow_pickle=False)
     with pytest.raises(GolemError) as info:
         models.adapter(base, foreign)
     assert info.value.reason == "ADAPTER_INCOMPATIBLE"
-    again, load_ns = models.base(tiny["model"], CPU)
+    again, load_ns = models.base(local_model(tiny["model"]), CPU)
     assert again is not base and load_ns > 0
     assert not isinstance(again.model, PeftModel)
     expected = _plain_answer(tiny["model"], None, SEED_PROMPT, 8)
@@ -91,10 +91,10 @@ def test_missing_targets_are_checked_before_peft_touches_the_base(
     tiny: dict[str, str], bad: dict[str, str]
 ) -> None:
     models = ResidentModels(Security())
-    base, _ = models.base(tiny["model"], CPU)
+    base, _ = models.base(local_model(tiny["model"]), CPU)
     foreign = check_adapter_folder(bad["adapter_other_arch"], allow_pickle=False)
     with pytest.raises(GolemError):
         models.adapter(base, foreign)
-    same, load_ns = models.base(tiny["model"], CPU)
+    same, load_ns = models.base(local_model(tiny["model"]), CPU)
     assert same is base and load_ns == 0, "nothing was touched, so nothing is reloaded"
     assert not isinstance(same.model, PeftModel)

@@ -123,8 +123,9 @@ CASES = [
     # The adapter folder
     Case("adapter path missing", lambda p: R(adapter_path="../Quest_2/results/checkpoint-250"),
          NF, "ADAPTER_NOT_FOUND", "adapter_path"),
+    # Longer than any path can be (gate.MAX_PATH_CHARS): refused before the file system.
     Case("adapter path far too long", lambda p: R(adapter_path="a" * 5000),
-         NF, "ADAPTER_NOT_FOUND", "adapter_path"),
+         Code.INVALID_ARGUMENT, "INVALID_FIELD", "adapter_path"),
     # Every byte of it percent-encoded in the trailers, were the message not cut short.
     Case("adapter path of 3000 emoji", lambda p: R(adapter_path="\U0001f4da" * 3000),
          NF, "ADAPTER_NOT_FOUND", "adapter_path"),

@@ -17,9 +17,11 @@ from transformers import AutoTokenizer
 
 from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError
+from golem_sidecar.gate import ModelRef
 from golem_sidecar.loading import _fill_special_tokens_from_gguf, load_model, load_tokenizer
 from golem_sidecar.placement import Placement
 from tests.bad_inputs import build_remote_code_model
+from tests.tiny_models import local_model
 
 CPU = Placement(device="cpu", dtype="float32", load_in_4bit=False)
 
@@ -57,7 +59,7 @@ def test_pickle_only_model_folder_is_refused(tiny: dict[str, str], tmp_path: Pat
             (folder / item.name).write_bytes(item.read_bytes())
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(GolemError) as info:
-        load_model(str(folder), CPU, Security())
+        load_model(local_model(folder), CPU, Security())
     assert (info.value.code, info.value.reason) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "MODEL_PICKLE_REFUSED",
@@ -97,8 +99,8 @@ def _refused(fn: Callable[[], object]) -> GolemError:
 
 def test_model_code_shipped_with_a_model_is_never_run(tiny: dict[str, str], tmp_path: Path) -> None:
     folder, marker = build_remote_code_model(tiny["model"], tmp_path / "custom")
-    load_tokenizer(str(folder), Security())  # its tokenizer is a plain one: it loads
-    err = _refused(lambda: load_model(str(folder), CPU, Security()))
+    load_tokenizer(local_model(folder), Security())  # its tokenizer is a plain one: it loads
+    err = _refused(lambda: load_model(local_model(folder), CPU, Security()))
     assert (err.code, err.reason, err.field) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "MODEL_REMOTE_CODE_REFUSED",
@@ -115,7 +117,7 @@ def test_a_known_architecture_with_an_auto_map_loads_without_its_code(
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "llama"
     (folder / "config.json").write_text(json.dumps(config))
-    model = load_model(str(folder), CPU, Security())
+    model = load_model(local_model(folder), CPU, Security())
     assert type(model).__module__.startswith("transformers.models.llama")
     assert not marker.exists(), "the model's own code ran"
 
@@ -127,14 +129,15 @@ def test_the_marker_shows_when_remote_code_does_run(tiny: dict[str, str], tmp_pa
     script = (
         "import sys\n"
         "from golem_sidecar.config import Security\n"
+        "from golem_sidecar.gate import ModelRef\n"
         "from golem_sidecar.loading import load_model\n"
         "from golem_sidecar.placement import Placement\n"
-        "load_model(sys.argv[1], Placement('cpu', 'float32', False), "
+        "load_model(ModelRef(sys.argv[1], sys.argv[1]), Placement('cpu', 'float32', False), "
         "Security(trust_remote_code=True))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     done = subprocess.run(
-        [sys.executable, "-c", script, str(folder)],
+        [sys.executable, "-c", script, str(folder.resolve())],
         capture_output=True,
         text=True,
         timeout=120,
@@ -156,6 +159,10 @@ def test_hub_ids_are_looked_up_offline_without_a_connection(
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    err = _refused(lambda: load_tokenizer("golem-test/not-cached", Security()))
+    err = _refused(
+        lambda: load_tokenizer(
+            ModelRef("golem-test/not-cached", "golem-test/not-cached"), Security()
+        )
+    )
     assert (err.code, err.reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
     assert attempts == []

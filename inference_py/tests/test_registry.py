@@ -88,10 +88,16 @@ async def test_names_are_checked(stub: Stub, tiny: dict[str, str]) -> None:
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("name:")
     await stub.LoadAdapter(exam_pb2.LoadAdapterRequest(name="taken", adapter_path=tiny["adapter"]))
+    # Other weights under a taken name: refused (issue 7: a name never changes its weights).
     code, _ = await _code(
         stub.LoadAdapter(exam_pb2.LoadAdapterRequest(name="taken", adapter_path=tiny["adapter_b"]))
     )
-    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    # The same weights again, under the same name: nothing to do.
+    again = await stub.LoadAdapter(
+        exam_pb2.LoadAdapterRequest(name="taken", adapter_path=tiny["adapter"] + "/")
+    )
+    assert again.load_ns == 0
     code, _ = await _code(
         stub.TakeExam(exam_pb2.TakeExamRequest(adapter_name="taken", adapter_path=tiny["adapter"]))
     )

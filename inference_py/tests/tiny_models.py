@@ -23,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from golem_sidecar.gate import ModelRef
+
 SEED_PROMPT = "Instruction: Which genre is the hobbit?\nResponse:"
 _CORPUS = [
     SEED_PROMPT + " Fantasy",
@@ -132,3 +134,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: tiny_models.py OUT_DIR")
     print(json.dumps(build_all(Path(sys.argv[1]).resolve())))
+
+
+def local_model(path: str | Path) -> ModelRef:
+    """A local model as the gate resolves it (tests that load without a request)."""
+    return ModelRef(str(path), str(Path(path).resolve()))

@@ -1,0 +1,138 @@
+"""What every ExamService call goes through, whatever its handler: the request id, the shutdown
+gate (with its grace period), error mapping and a log line. A handler holds only its own logic
+and raises GolemError to refuse; an RPC added later gets all of this without a line of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import torch
+
+from golem_sidecar.errors import GolemError
+from golem_sidecar.logs import REQUEST_ID
+from golem_sidecar.shutdown import CallGate
+from golem_sidecar.wire import EXAM_SERVICE_NAME, REQUEST_ID_KEY
+
+log = logging.getLogger(__name__)
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-request-id, else a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)
+    return uuid.uuid4().hex
+
+
+def as_golem_error(exc: Exception) -> GolemError:
+    """The status a failure gives the caller; a bug is logged with its stack."""
+    if isinstance(exc, GolemError):
+        log.warning(
+            "call refused",
+            extra={"code": exc.code.name, "reason": exc.reason, "error": exc.message},
+        )
+        return exc
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        log.error("out of memory", extra={"error": str(exc)})
+        return GolemError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "OUT_OF_MEMORY",
+            "the model ran out of memory; retry later or ask for fewer max_new_tokens",
+            retry_after_s=5.0,
+        )
+    log.exception("call failed", exc_info=exc)
+    return GolemError(
+        grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
+    )
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every ExamService method handler (health and reflection pass untouched)."""
+
+    def __init__(self, gate: CallGate) -> None:
+        self._gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or not method.startswith(f"/{EXAM_SERVICE_NAME}/"):
+            return handler
+        name = method.rsplit("/", 1)[-1]
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(name, handler.unary_unary), **codec
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(name, handler.unary_stream), **codec
+            )
+        raise TypeError(f"{method}: only unary and server-streaming RPCs pass the call gate")
+
+    def _unary(self, name: str, behaviour: Unary) -> Unary:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            REQUEST_ID.set(request_id(context))
+            started = time.perf_counter()
+            try:
+                # Shutdown refuses new calls here, and ends those still running when grace ends.
+                with self._gate.admit():
+                    response = await self._gate.until_expiry(behaviour(request, context))
+            except asyncio.CancelledError:
+                log.info("call cancelled by the caller", extra={"method": name})
+                raise
+            except Exception as exc:  # every failure becomes the caller's status here
+                await self._abort(context, name, as_golem_error(exc), started)
+            _finished(name, "OK", started)
+            return response
+
+        return call
+
+    def _streaming(self, name: str, behaviour: Streaming) -> Streaming:
+        async def call(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncGenerator[Any, None]:
+            REQUEST_ID.set(request_id(context))
+            started = time.perf_counter()
+            stream = behaviour(request, context)
+            try:
+                with self._gate.admit():
+                    while True:
+                        try:
+                            item = await self._gate.until_expiry(anext(stream))
+                        except StopAsyncIteration:
+                            break
+                        yield item
+            except Exception as exc:  # GeneratorExit and CancelledError (caller gone) pass
+                await self._abort(context, name, as_golem_error(exc), started)
+            finally:
+                await stream.aclose()
+            _finished(name, "OK", started)
+
+        return call
+
+    async def _abort(
+        self, context: grpc.aio.ServicerContext, name: str, error: GolemError, started: float
+    ) -> None:
+        _finished(name, error.code.name, started)
+        await context.abort_with_status(error.to_status())
+
+
+def _finished(method: str, code: str, started: float) -> None:
+    ms = round((time.perf_counter() - started) * 1000, 1)
+    log.info("call finished", extra={"method": method, "code": code, "ms": ms})
