@@ -32,6 +32,8 @@ class Pending:
     future: asyncio.Future[Any]
     on_text: Callable[[str], None] | None = None
     queued_at: int = field(default_factory=time.perf_counter_ns)
+    # Time this request spent loading its base before it was queued.
+    load_ns: int = 0
 
 
 @dataclass(frozen=True)

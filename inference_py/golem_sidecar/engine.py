@@ -99,18 +99,19 @@ class ExamEngine:
         """Whether a base with this key is in memory (the gate asks, from its own threads)."""
         return self._models.has_model(model_key)
 
-    async def _queue_for(self, model: ModelRef, placement: Placement) -> BatchQueue:
-        """The batch queue of this base. Per-base state exists only once the base has loaded:
-        a name that cannot be loaded leaves nothing behind."""
+    async def _queue_for(self, model: ModelRef, placement: Placement) -> tuple[BatchQueue, int]:
+        """The batch queue of this base, and the nanoseconds spent loading the base for it.
+        Per-base state exists only once the base has loaded: a name that cannot be loaded
+        leaves nothing behind."""
         key = BaseKey(model.key, placement)
-        queue = self._queues.get(key)
+        queue, load_ns = self._queues.get(key), 0
         if queue is None:
-            await self._on_worker(self._models.base, model, placement)
+            _, load_ns = await self._on_worker(self._models.base, model, placement)
             queue = self._queues.get(key)
             if queue is None:
                 queue = self._queues[key] = BatchQueue(self._limits, self._run_batch)
         self._prune_queues()
-        return queue
+        return queue, load_ns
 
     def _prune_queues(self) -> None:
         """Drops the idle queues of bases that were evicted (limits.maxModels)."""
@@ -127,10 +128,10 @@ class ExamEngine:
     ) -> ExamResult:
         """Answers one exam in the next batch of its base. If the calling task is cancelled, its
         row leaves the batch at the next token and the other rows carry on."""
-        queue = await self._queue_for(spec.model, spec.placement)
+        queue, load_ns = await self._queue_for(spec.model, spec.placement)
         loop = asyncio.get_running_loop()
         streamed = None if on_text is None else _threadsafe(loop, on_text)
-        pending = Pending(spec, cancelled, loop.create_future(), streamed)
+        pending = Pending(spec, cancelled, loop.create_future(), streamed, load_ns=load_ns)
         queue.submit(pending)
         try:
             result: ExamResult = await pending.future
@@ -188,7 +189,8 @@ class ExamEngine:
                 outcomes[id(pending)] = err
                 continue
             queue_ns = started - pending.queued_at
-            prepared.append(_Prepared(pending, row, base_ns + adapter_ns, queue_ns, folder))
+            load_ns = pending.load_ns + base_ns + adapter_ns
+            prepared.append(_Prepared(pending, row, load_ns, queue_ns, folder))
         if not self._models.is_resident(base):
             # A failed first attach can leave layers injected into the base, which is then
             # dropped: the others must not decode on it, so this batch is prepared again.
@@ -321,7 +323,7 @@ class ExamEngine:
                 check_context,
             )
 
-        queue = await self._queue_for(spec.model, spec.placement)
+        queue, _ = await self._queue_for(spec.model, spec.placement)
         try:
             with queue.reserve(spec.rows):
                 result: list[list[ComparedAnswer]] = await self._on_worker(comparing)

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import REQUEST_ID
@@ -71,18 +72,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(f"/{EXAM_SERVICE_NAME}/"):
             return handler
         name = method.rsplit("/", 1)[-1]
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        # Requests arrive as bytes and are parsed inside the gate, so that bytes which are no
+        # such message get INVALID_ARGUMENT like any other bad input.
+        parse = _parser(handler.request_deserializer)
+        codec = {"response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(name, handler.unary_unary), **codec
-            )
+            unary = self._unary(name, _parsed(parse, handler.unary_unary))
+            return grpc.unary_unary_rpc_method_handler(unary, **codec)
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(name, handler.unary_stream), **codec
-            )
+            stream = self._streaming(name, _parsed_stream(parse, handler.unary_stream))
+            return grpc.unary_stream_rpc_method_handler(stream, **codec)
         raise TypeError(f"{method}: only unary and server-streaming RPCs pass the call gate")
 
     def _unary(self, name: str, behaviour: Unary) -> Unary:
@@ -131,6 +130,35 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         _finished(name, error.code.name, started)
         await context.abort_with_status(error.to_status())
+
+
+def _parser(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            raise GolemError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "REQUEST_UNREADABLE",
+                f"the request's bytes are not a valid message of this method: {exc}",
+            ) from None
+
+    return parse
+
+
+def _parsed(parse: Callable[[bytes], Any], behaviour: Unary) -> Unary:
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await behaviour(parse(raw), context)
+
+    return call
+
+
+def _parsed_stream(parse: Callable[[bytes], Any], behaviour: Streaming) -> Streaming:
+    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        async for item in behaviour(parse(raw), context):
+            yield item
+
+    return call
 
 
 def _finished(method: str, code: str, started: float) -> None:

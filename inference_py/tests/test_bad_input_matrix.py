@@ -1,6 +1,7 @@
-"""The bad-input matrix, sidecar side: each bad request straight at a real sidecar over gRPC, its
-exact status code, ErrorInfo reason and BadRequest field; after each, a good request still
-answers. To add a case, add a line to CASES."""
+"""The bad-input matrix, sidecar side: each bad request straight at a real sidecar over gRPC, to
+every RPC of ExamService, with its exact status code, ErrorInfo reason and BadRequest field;
+after each, a good request still answers. To add a case, add a line to CASES; a method of the
+service without a case fails test_every_rpc_has_cases."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf.message import Message
 
 from golem_sidecar.config import Defaults, Limits, QuantizationDefault, Security, SidecarConfig
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.placement import bitsandbytes_installed
 from golem_sidecar.server import Sidecar
+from golem_sidecar.wire import EXAM_SERVICE
 from tests.conftest import CAP
+from tests.hostile_paths import build_hostile_paths
 from tests.rpc import failure
 
 R = exam_pb2.TakeExamRequest
+L = exam_pb2.LoadAdapterRequest
+U = exam_pb2.UnloadAdapterRequest
+C = exam_pb2.CompareAdaptersRequest
 Q = exam_pb2.Quantization
 Code = grpc.StatusCode
 # Paths by name: the tiny fixtures' and tests/bad_inputs.py's.
@@ -31,7 +38,8 @@ CONFINED_MAX_MESSAGE = 65_536
 @dataclass(frozen=True)
 class Case:
     name: str
-    request: Callable[[Paths], exam_pb2.TakeExamRequest]
+    # A message, or raw bytes for a request that cannot be parsed.
+    request: Callable[[Paths], Message | bytes]
     code: grpc.StatusCode
     # None: a status gRPC itself sends, which has no details.
     reason: str | None
@@ -40,6 +48,8 @@ class Case:
     confined: bool = False
     # What must also hold after the refusal.
     after: Callable[[Paths], bool] | None = None
+    # The ExamService method the request goes to.
+    rpc: str = "TakeExam"
 
 
 def invalid(name: str, field: str, **request: object) -> Case:
@@ -67,16 +77,37 @@ def adapter(name: str, key: str, code: grpc.StatusCode, reason: str) -> Case:
     return Case(name, lambda p: R(adapter_path=p[key]), code, reason, "adapter_path")
 
 
-def escape(name: str, key: str, field: str) -> Case:
-    """A path out of the confined sidecar's roots."""
+def escape(label: str, key: str, field: str, rpc: str = "TakeExam", **extra: object) -> Case:
+    """A path out of the confined sidecar's roots, to any RPC that takes one."""
+
+    def request(p: Paths) -> Message:
+        value = [p[key]] if field == "adapters" else p[key]
+
+        # "$key" stands for the fixture path of that key (lists too).
+        def path(v: object) -> object:
+            if isinstance(v, list):
+                return [path(x) for x in v]
+            return p[v[1:]] if isinstance(v, str) and v.startswith("$") else v
+
+        fields = {k: path(v) for k, v in extra.items()}
+        return getattr(exam_pb2, f"{rpc}Request", R)(**{field: value}, **fields)
+
     return Case(
-        name,
-        lambda p: R(**{field: p[key]}),
-        Code.PERMISSION_DENIED,
-        "PATH_OUTSIDE_ROOTS",
-        field,
-        confined=True,
+        label, request, Code.PERMISSION_DENIED, "PATH_OUTSIDE_ROOTS", field, confined=True, rpc=rpc
     )
+
+
+def other(
+    rpc: str,
+    name: str,
+    request: Callable[[Paths], Message],
+    code: grpc.StatusCode,
+    reason: str | None,
+    field: str | None,
+    confined: bool = False,
+) -> Case:
+    """A case for an RPC other than TakeExam."""
+    return Case(name, request, code, reason, field, confined=confined, rpc=rpc)
 
 
 FP, NF = Code.FAILED_PRECONDITION, Code.NOT_FOUND
@@ -159,8 +190,88 @@ CASES = [
     Case("message above a configured limits.maxMessageBytes",
          lambda p: R(prompt="x" * CONFINED_MAX_MESSAGE),
          Code.RESOURCE_EXHAUSTED, None, None, confined=True),
+    # Files that are not what they claim: never opened (a FIFO would block its reader forever)
+    adapter("adapter config is a FIFO", "adapter_fifo_config", FP, "ADAPTER_CONFIG_INVALID"),
+    adapter("adapter weights are a FIFO", "adapter_fifo_weights", FP, "ADAPTER_WEIGHTS_MISSING"),
+    model("model folder holding a FIFO", "model_fifo", FP, "MODEL_INVALID"),
+    escape("model weights escaping by symlink", "model_leaky_weights", "model_name"),
+    escape("model index naming a shard outside", "model_leaky_index", "model_name"),
+    # Bounded text
+    invalid("expected answer too long", "expected_answer", expected_answer="x" * 5000),
+    invalid("model name too long", "model_name", model_name="m" * 5000),
+    # StreamExam takes TakeExam's request and the same gate
+    Case("stream: empty prompt", lambda p: R(prompt=""), Code.INVALID_ARGUMENT, "INVALID_FIELD",
+         "prompt", rpc="StreamExam"),
+    escape("stream: model outside the roots", "model", "model_name", rpc="StreamExam"),
+    # LoadAdapter
+    other("LoadAdapter", "load: bad name", lambda p: L(name="no spaces", adapter_path=p["adapter"]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "name"),
+    other("LoadAdapter", "load: made-up name form",
+          lambda p: L(name="~adapter-0", adapter_path=p["adapter"]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "name"),
+    other("LoadAdapter", "load: missing folder", lambda p: L(name="a", adapter_path="/no/such"),
+          NF, "ADAPTER_NOT_FOUND", "adapter_path"),
+    other("LoadAdapter", "load: missing model", lambda p: L(
+          name="a", adapter_path=p["adapter"], model_name="./no/such/model"),
+          NF, "MODEL_NOT_FOUND", "model_name"),
+    escape("load: adapter outside the roots", "adapter_dotdot", "adapter_path", rpc="LoadAdapter",
+           name="a"),
+    escape("load: model outside the roots", "model", "model_name", rpc="LoadAdapter",
+           name="a", adapter_path="$confined_adapter"),
+    # UnloadAdapter
+    other("UnloadAdapter", "unload: bad name", lambda p: U(name="a b"),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "name"),
+    other("UnloadAdapter", "unload: not loaded", lambda p: U(name="never-loaded"),
+          NF, "ADAPTER_NOT_LOADED", "adapter_name"),
+    escape("unload: model outside the roots", "model", "model_name", rpc="UnloadAdapter",
+           name="a"),
+    # ListAdapters takes nothing, so nothing in it can be bad: its case is the refusal of a
+    # request too large to read, which gRPC itself answers.
+    other("ListAdapters", "list: bytes that are no ListAdaptersRequest",
+          lambda p: b"\xff\xff\xff", Code.INVALID_ARGUMENT, "REQUEST_UNREADABLE", None),
+    # CompareAdapters
+    other("CompareAdapters", "compare: no prompts", lambda p: C(adapters=[p["adapter"]]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "prompts"),
+    other("CompareAdapters", "compare: blank prompt",
+          lambda p: C(prompts=[" "], adapters=[p["adapter"]]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "prompts"),
+    other("CompareAdapters", "compare: 9 prompts",
+          lambda p: C(prompts=["q"] * 9, adapters=[p["adapter"]]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "prompts"),
+    other("CompareAdapters", "compare: no adapters", lambda p: C(prompts=["q"]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "adapters"),
+    other("CompareAdapters", "compare: 9 adapters",
+          lambda p: C(prompts=["q"], adapters=[f"n{i}" for i in range(9)]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "adapters"),
+    other("CompareAdapters", "compare: two spellings of one folder",
+          lambda p: C(prompts=["q"], adapters=[p["adapter"], p["adapter"] + "/./"]),
+          Code.INVALID_ARGUMENT, "DUPLICATE_ADAPTER", "adapters"),
+    other("CompareAdapters", "compare: missing adapter folder",
+          lambda p: C(prompts=["q"], adapters=["/no/such/adapter"]),
+          NF, "ADAPTER_NOT_FOUND", "adapters"),
+    other("CompareAdapters", "compare: unknown registered name",
+          lambda p: C(prompts=["q"], adapters=["never-loaded"]),
+          NF, "ADAPTER_NOT_LOADED", "adapter_name"),
+    other("CompareAdapters", "compare: max_new_tokens 0",
+          lambda p: C(prompts=["q"], adapters=[p["adapter"]], max_new_tokens=0),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "max_new_tokens"),
+    other("CompareAdapters", "compare: prompt longer than the context",
+          lambda p: C(prompts=["genre " * 2100], adapters=[p["adapter"]], max_new_tokens=2),
+          Code.INVALID_ARGUMENT, "PROMPT_TOO_LONG", "prompt"),
+    other("CompareAdapters", "compare: missing model",
+          lambda p: C(prompts=["q"], adapters=[p["adapter"]], model_name="./no/such/model"),
+          NF, "MODEL_NOT_FOUND", "model_name"),
+    escape("compare: adapter outside the roots", "adapter_dotdot", "adapters",
+           rpc="CompareAdapters", prompts=["q"]),
+    escape("compare: model outside the roots", "model", "model_name", rpc="CompareAdapters",
+           prompts=["q"], adapters=["$confined_adapter"]),
 ]
 # fmt: on
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny: Paths, bad: Paths, tmp_path_factory: pytest.TempPathFactory) -> Paths:
+    return build_hostile_paths(tiny, bad, tmp_path_factory.mktemp("hostile"))
 
 
 def _marks(case: Case) -> list[pytest.MarkDecorator]:
@@ -170,7 +281,7 @@ def _marks(case: Case) -> list[pytest.MarkDecorator]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def confined(bad: Paths) -> AsyncIterator[exam_pb2_grpc.ExamServiceStub]:
+async def confined(bad: Paths) -> AsyncIterator[grpc.aio.Channel]:
     """A sidecar that may read models and adapters only under the roots of bad_inputs.py."""
     config = SidecarConfig(
         listen="127.0.0.1:0",
@@ -190,8 +301,26 @@ async def confined(bad: Paths) -> AsyncIterator[exam_pb2_grpc.ExamServiceStub]:
     server = Sidecar(config)
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield exam_pb2_grpc.ExamServiceStub(channel)
+        yield channel
     await server.stop(0)
+
+
+async def call(channel: grpc.aio.Channel, rpc: str, request: Message | bytes) -> None:
+    """Calls any ExamService method with a message or raw bytes, reading a stream to its end."""
+    method = EXAM_SERVICE.methods_by_name[rpc]
+    path = f"/{EXAM_SERVICE.full_name}/{rpc}"
+    serialize = (lambda b: b) if isinstance(request, bytes) else type(request).SerializeToString
+    if method.server_streaming:
+        async for _ in channel.unary_stream(path, request_serializer=serialize)(
+            request, timeout=60
+        ):
+            pass
+    else:
+        await channel.unary_unary(path, request_serializer=serialize)(request, timeout=60)
+
+
+def test_every_rpc_has_cases() -> None:
+    assert {c.rpc for c in CASES} == set(EXAM_SERVICE.methods_by_name)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=_marks(c)) for c in CASES])
@@ -199,16 +328,18 @@ async def test_bad_request_is_refused_and_the_sidecar_still_answers(
     case: Case,
     tiny: Paths,
     bad: Paths,
-    stub: exam_pb2_grpc.ExamServiceStub,
-    confined: exam_pb2_grpc.ExamServiceStub,
+    hostile: Paths,
+    channel: grpc.aio.Channel,
+    confined: grpc.aio.Channel,
 ) -> None:
-    target = confined if case.confined else stub
+    paths = {**tiny, **bad, **hostile}
+    target = confined if case.confined else channel
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await target.TakeExam(case.request({**tiny, **bad}), timeout=60)
+        await call(target, case.rpc, case.request(paths))
     got = failure(info.value)
     assert (got.code, got.reason) == (case.code, case.reason), got.message
     assert got.fields == ((case.field,) if case.field else ())
     assert got.message, "every refusal says why"
-    assert case.after is None or case.after({**tiny, **bad})
-    after = await target.TakeExam(R(max_new_tokens=2), timeout=60)
+    assert case.after is None or case.after(paths)
+    after = await exam_pb2_grpc.ExamServiceStub(target).TakeExam(R(max_new_tokens=2), timeout=60)
     assert after.answer_tokens > 0

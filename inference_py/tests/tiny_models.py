@@ -130,12 +130,12 @@ def build_all(root: Path) -> dict[str, str]:
     return {"model": str(model), "adapter": str(adapter), "adapter_b": str(adapter_b)}
 
 
+def local_model(path: str | Path) -> ModelRef:
+    """A local model as the gate resolves it (tests that load without a request)."""
+    return ModelRef(str(path), str(Path(path).resolve()))
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: tiny_models.py OUT_DIR")
     print(json.dumps(build_all(Path(sys.argv[1]).resolve())))
-
-
-def local_model(path: str | Path) -> ModelRef:
-    """A local model as the gate resolves it (tests that load without a request)."""
-    return ModelRef(str(path), str(Path(path).resolve()))
