@@ -4,7 +4,7 @@ passes, then every answer scored under every one of those models."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from golem_sidecar.adapters import AdapterFolder
@@ -15,6 +15,7 @@ from golem_sidecar.exam import ADAPTER_NAME, max_new_tokens
 from golem_sidecar.gate import ModelRef, path_field, resolve_adapter, resolve_model, text_field
 from golem_sidecar.gen import exam_pb2
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
+from golem_sidecar.passes import split_passes
 from golem_sidecar.paths import as_path, kind
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 from golem_sidecar.scoring import ScoreItem, mean_logprobs
@@ -126,11 +127,15 @@ def run_comparison(
             ]
         )
     rows = [answer.row for answers in table for answer in answers]
-    for group in _row_groups(rows, max_batch, max_tokens, spec.max_new_tokens):
+
+    def width(row: Row) -> int:
+        return len(row.prompt_ids) + spec.max_new_tokens
+
+    for group in split_passes(rows, width, max_batch, max_tokens):
         if cancelled.is_set():
             raise caller_gone()
         decode_batch(base.model, base.tokenizer, group, base.input_device, base.is_peft)
-    _score(base, table, labels, names, max_tokens, cancelled)
+    _score(base, table, labels, names, max_batch, max_tokens, cancelled)
     return table
 
 
@@ -155,25 +160,12 @@ def _attach(models: ResidentModels, base: ResidentBase, spec: CompareSpec) -> li
     return names
 
 
-def _row_groups(rows: list[Row], max_batch: int, max_tokens: int, new: int) -> Iterator[list[Row]]:
-    """Rows in passes of at most ``max_batch`` rows and ``max_tokens`` padded tokens."""
-    group: list[Row] = []
-    for row in rows:
-        candidate = [*group, row]
-        width = max(len(r.prompt_ids) for r in candidate) + new
-        if group and (len(candidate) > max_batch or len(candidate) * width > max_tokens):
-            yield group
-            candidate = [row]
-        group = candidate
-    if group:
-        yield group
-
-
 def _score(
     base: ResidentBase,
     table: list[list[ComparedAnswer]],
     labels: list[str],
     names: list[str | None],
+    max_batch: int,
     max_tokens: int,
     cancelled: threading.Event,
 ) -> None:
@@ -196,7 +188,7 @@ def _score(
         pad_id(base.tokenizer),
         base.input_device,
         base.is_peft,
-        max_tokens,
+        (max_batch, max_tokens),
         cancelled,
     )
     for (answer, label), score in zip(owners, scores, strict=True):

@@ -25,6 +25,7 @@ from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.grading import Grade, grade
 from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
+from golem_sidecar.passes import split_passes
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
 
@@ -159,7 +160,8 @@ class ExamEngine:
             prepared = self._prepare(base, batch, started, base_ns, outcomes)
         except GolemError as err:
             return [err for _ in batch]
-        for group in _token_groups(prepared, self._max_tokens):
+        passes = split_passes(prepared, _width, self._limits.max_batch_size, self._max_tokens)
+        for group in passes:
             rows = [p.row for p in group]
             decode_started = time.perf_counter_ns()
             decode_batch(base.model, base.tokenizer, rows, base.input_device, base.is_peft)
@@ -388,21 +390,8 @@ def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
         return None
 
 
-def _token_groups(prepared: list[_Prepared], max_tokens: int) -> list[list[_Prepared]]:
-    """The batch in decode passes of at most ``max_tokens`` padded tokens (rows x the longest
-    prompt plus its new tokens): long prompts are decoded in smaller company."""
-    groups: list[list[_Prepared]] = []
-    group: list[_Prepared] = []
-    for item in prepared:
-        candidate = [*group, item]
-        width = max(len(p.row.prompt_ids) + p.row.max_new_tokens for p in candidate)
-        if group and len(candidate) * width > max_tokens:
-            groups.append(group)
-            candidate = [item]
-        group = candidate
-    if group:
-        groups.append(group)
-    return groups
+def _width(item: _Prepared) -> int:
+    return len(item.row.prompt_ids) + item.row.max_new_tokens
 
 
 def check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:

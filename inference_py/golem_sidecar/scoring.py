@@ -3,14 +3,13 @@ teacher-forced, many (prompt, answer, adapter) triples per left-padded forward p
 
 Memory is bounded whatever the request: logits are computed only at the answer positions
 (answers sit at the right end of left-padded rows, so ``logits_to_keep`` takes just those), and
-items are grouped so that one pass holds at most ``max_positions`` scored positions and
-``max_tokens`` input tokens. Cancellation is checked between passes.
+items are split into passes (passes.py) that also hold at most ``MAX_SCORED_POSITIONS``
+vocabulary-wide rows of logits. Cancellation is checked between passes.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from golem_sidecar.decoding import BASE_ADAPTER
 from golem_sidecar.errors import caller_gone
+from golem_sidecar.passes import split_passes
 
 # Scored positions per pass: each holds a vocabulary-sized row of logits (SmolLM2: 49,152
 # floats, 192 KiB), so 1,024 positions keep one pass's logits near 200 MiB.
@@ -43,36 +43,21 @@ def mean_logprobs(
     pad_id: int,
     device: Any,
     peft: bool,
-    max_tokens: int,
+    limits: tuple[int, int],
     cancelled: threading.Event,
-    max_positions: int = MAX_SCORED_POSITIONS,
 ) -> list[float]:
-    """The mean natural-log probability of each item's answer tokens."""
+    """The mean natural-log probability of each item's answer tokens. ``limits`` are the
+    rows and padded tokens one pass may hold (limits.maxBatchSize, limits.maxBatchTokens)."""
+    max_rows, max_tokens = limits
+    longest = max((len(item.answer_ids) for item in items), default=1)
+    # Every row of a pass keeps logits for the pass's longest answer.
+    max_rows = max(1, min(max_rows, MAX_SCORED_POSITIONS // longest))
     scores: list[float] = []
-    for group in _groups(items, max_tokens, max_positions):
+    for group in split_passes(items, lambda item: item.width, max_rows, max_tokens):
         if cancelled.is_set():
             raise caller_gone()
         scores.extend(_score_group(model, group, pad_id, device, peft))
     return scores
-
-
-def _groups(
-    items: list[ScoreItem], max_tokens: int, max_positions: int
-) -> Iterator[list[ScoreItem]]:
-    """Consecutive items, as many per pass as the padded token and position budgets allow (an
-    item too big for them alone still gets a pass of its own)."""
-    group: list[ScoreItem] = []
-    for item in items:
-        candidate = [*group, item]
-        width = max(i.width for i in candidate)
-        answer = max(len(i.answer_ids) for i in candidate)
-        fits = len(candidate) * width <= max_tokens and len(candidate) * answer <= max_positions
-        if group and not fits:
-            yield group
-            candidate = [item]
-        group = candidate
-    if group:
-        yield group
 
 
 def _score_group(
