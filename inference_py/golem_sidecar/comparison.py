@@ -144,7 +144,7 @@ def _attach(models: ResidentModels, base: ResidentBase, spec: CompareSpec) -> li
     pinned: set[str] = set()
     for compared in spec.models:
         if compared.registered is not None:
-            name = models.named(base, compared.registered)
+            name = models.named(base, compared.registered, "adapters")
         else:
             assert compared.folder is not None
             name, _ = models.adapter(base, compared.folder, pinned=pinned)

@@ -291,7 +291,7 @@ class ExamEngine:
         def unload() -> None:
             base = self._models.find(key)
             if base is None:
-                raise self._models.not_loaded(spec.name, spec.model.name)
+                raise self._models.not_loaded(spec.name, spec.model.name, "name")
             self._models.unload(base, spec.name)
 
         await self._on_worker(unload)

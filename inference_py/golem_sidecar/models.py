@@ -171,16 +171,17 @@ class ResidentModels:
         self._evict(base, pinned | {name})
         return self._touch(base, name), time.perf_counter_ns() - started
 
-    def named(self, base: ResidentBase, name: str) -> str:
-        """A registered adapter by name; NOT_FOUND when it is not loaded on this base."""
+    def named(self, base: ResidentBase, name: str, field: str = "adapter_name") -> str:
+        """A registered adapter by name; NOT_FOUND (naming the request's ``field``) when it is
+        not loaded on this base."""
         if name not in base.adapters:
-            raise self.not_loaded(name, base.model_name)
+            raise self.not_loaded(name, base.model_name, field)
         return self._touch(base, name)
 
     @staticmethod
-    def not_loaded(name: str, model_name: str) -> Exception:
+    def not_loaded(name: str, model_name: str, field: str) -> Exception:
         return not_found(
-            "adapter_name",
+            field,
             "ADAPTER_NOT_LOADED",
             f'no adapter named "{name}" is loaded on "{model_name}" (LoadAdapter first)',
         )
@@ -192,7 +193,7 @@ class ResidentModels:
     def unload(self, base: ResidentBase, name: str) -> None:
         """Detaches an adapter. Runs on the model thread between batches, so no running
         request ever loses its adapter mid-generation."""
-        self.named(base, name)
+        self.named(base, name, "name")
         folder = base.adapters.pop(name)
         if base.by_identity.get(folder.identity) == name:
             del base.by_identity[folder.identity]

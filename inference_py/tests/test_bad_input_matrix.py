@@ -222,7 +222,7 @@ CASES = [
     other("UnloadAdapter", "unload: bad name", lambda p: U(name="a b"),
           Code.INVALID_ARGUMENT, "INVALID_FIELD", "name"),
     other("UnloadAdapter", "unload: not loaded", lambda p: U(name="never-loaded"),
-          NF, "ADAPTER_NOT_LOADED", "adapter_name"),
+          NF, "ADAPTER_NOT_LOADED", "name"),
     escape("unload: model outside the roots", "model", "model_name", rpc="UnloadAdapter",
            name="a"),
     # ListAdapters takes nothing, so nothing in it can be bad: its case is the refusal of a
@@ -251,7 +251,7 @@ CASES = [
           NF, "ADAPTER_NOT_FOUND", "adapters"),
     other("CompareAdapters", "compare: unknown registered name",
           lambda p: C(prompts=["q"], adapters=["never-loaded"]),
-          NF, "ADAPTER_NOT_LOADED", "adapter_name"),
+          NF, "ADAPTER_NOT_LOADED", "adapters"),
     other("CompareAdapters", "compare: max_new_tokens 0",
           lambda p: C(prompts=["q"], adapters=[p["adapter"]], max_new_tokens=0),
           Code.INVALID_ARGUMENT, "INVALID_FIELD", "max_new_tokens"),

@@ -197,7 +197,7 @@ async def test_compare_checks_its_lists(stub: Stub, tiny: dict[str, str]) -> Non
             exam_pb2.CompareAdaptersRequest(prompts=["x"], adapters=[tiny["adapter"]] * 2),
             "adapters",
         ),
-        (exam_pb2.CompareAdaptersRequest(prompts=["x"], adapters=["never-loaded"]), "adapter_name"),
+        (exam_pb2.CompareAdaptersRequest(prompts=["x"], adapters=["never-loaded"]), "adapters"),
     ]:
         code, details = await _code(stub.CompareAdapters(request))
         assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
