@@ -116,7 +116,8 @@ export function callLogging(logger: Logger, production: boolean): ServerIntercep
         next({
           onReceiveMetadata: (metadata, passOn) => {
             log = logger.child({ request_id: metadata.get(REQUEST_ID_KEY)[0] });
-            log.debug('call started', { method: method.path, peer: call.getPeer() });
+            // Probes (health, reflection) come every few seconds: only their end is logged.
+            if (!isOpenMethod(method.path)) log.debug('call started', { method: method.path, peer: call.getPeer() });
             passOn(metadata);
           },
           onReceiveMessage: (message: unknown, passOn) => {
