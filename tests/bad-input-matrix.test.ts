@@ -1,21 +1,24 @@
 /**
- * The bad-input matrix: every case goes through the `golem exam` command and straight over gRPC
- * to one shared `golem serve` on the tiny models, and must come back with its exact status code,
+ * The bad-input matrix: every case goes through the `golem` command and straight over gRPC to one
+ * shared `golem serve` on the tiny models, and must come back with its exact status code,
  * ErrorInfo reason and BadRequest field (and, from the CLI, its exit code and failure JSON); the
- * next good request must still succeed. To add a case, add a row to CASES.
+ * next good request must still succeed. Every ExamService method has rows (a test fails when one
+ * has none). To add a case, add a row to CASES.
  */
 import { status, type CallOptions } from '@grpc/grpc-js';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseExamInput } from '../src/cli/input';
-import type { ExamServiceClient, TakeExamRequest } from '../src/gen/golem/exam/v1/exam';
+import { parseRequest } from '../src/cli/input';
+import { methodMessages } from '../src/contract';
+import { ExamServiceService, type ExamServiceClient } from '../src/gen/golem/exam/v1/exam';
 import { badAdapters, type BadAdapters } from './support/bad-adapters';
 import { buildCli, golem, serve, stopDaemon, type Daemon } from './support/daemon';
-import { examClient, rawCall, takeExam, type CallResult } from './support/grpc';
+import { examClient, rawCall, takeExam } from './support/grpc';
 import { tinyConfig, tinyModels, type TinyModels } from './support/tiny-models';
 
 type Code = keyof typeof status;
+type MethodName = keyof typeof ExamServiceService;
 
 interface Expected {
   code: Code;
@@ -28,17 +31,19 @@ interface Expected {
 interface Fixtures {
   models: TinyModels;
   bad: BadAdapters;
+  /** A folder outside every root. */
+  outside: string;
 }
 
-/** A call to the gateway: a typed request, or raw bytes to any method. */
-type GrpcAttempt =
-  | { request: Partial<TakeExamRequest>; options?: Partial<CallOptions> }
-  | { method: string; bytes: Buffer };
+/** A call to the gateway: a request as its proto3 JSON, or raw bytes to any path. */
+type GrpcAttempt = { json: Record<string, unknown>; options?: Partial<CallOptions> } | { bytes: Buffer; path?: string };
 
 interface BadInputCase {
   name: string;
-  /** The `golem exam` argument; left out when the CLI cannot express the case. */
-  cli?: (fx: Fixtures) => string;
+  /** The ExamService method the case calls; left out for a method that does not exist. */
+  method?: MethodName;
+  /** The `golem` arguments (without --address); left out when the CLI cannot express the case. */
+  cli?: (fx: Fixtures) => string[];
   /** The same case sent straight to the gateway; left out when gRPC cannot express it. */
   grpc?: (fx: Fixtures) => GrpcAttempt;
   /** What both answer; `cliExpect` when the CLI refuses the input itself, differently. */
@@ -57,31 +62,61 @@ const EXIT: Partial<Record<Code, number>> = {
   PERMISSION_DENIED: 8,
   UNAUTHENTICATED: 9,
 };
-const EXAM_METHOD = '/golem.exam.v1.ExamService/TakeExam';
 const MiB = 1 << 20;
+const PROMPT = 'Instruction: Which genre is dune?\nResponse:';
 
-/** A case the CLI and a gRPC caller can both send: the exam JSON, mapped as the CLI maps it. */
-function exam(name: string, input: (fx: Fixtures) => Record<string, unknown>, expect: Expected): BadInputCase {
+type Input = (fx: Fixtures) => Record<string, unknown>;
+
+/** A case the CLI and a gRPC caller can both send, as the same proto3 JSON. */
+function jsonCase(method: MethodName, cli: (json: string) => string[]) {
+  return (name: string, input: Input, expect: Expected): BadInputCase => ({
+    name: `${method}: ${name}`,
+    method,
+    cli: (fx) => cli(JSON.stringify(input(fx))),
+    grpc: (fx) => ({ json: input(fx) }),
+    expect,
+  });
+}
+
+const exam = jsonCase('takeExam', (json) => ['exam', json]);
+const stream = jsonCase('streamExam', (json) => ['exam', json, '--stream']);
+const compare = jsonCase('compareAdapters', (json) => ['compare', json]);
+
+/** `golem adapters load NAME PATH [--model M]`, and LoadAdapter with the same fields. */
+function load(name: string, input: (fx: Fixtures) => { name: string; adapterPath: string; modelName?: string }, expect: Expected): BadInputCase {
   return {
-    name,
-    cli: (fx) => JSON.stringify(input(fx)),
-    grpc: (fx) => {
-      const parsed = parseExamInput(JSON.stringify(input(fx)));
-      if (!parsed.ok) throw new Error(`case "${name}" is not valid exam JSON: ${JSON.stringify(parsed.violations)}`);
-      return { request: parsed.request };
+    name: `loadAdapter: ${name}`,
+    method: 'loadAdapter',
+    cli: (fx) => {
+      const { name: adapter, adapterPath, modelName } = input(fx);
+      return ['adapters', 'load', adapter, adapterPath, ...(modelName === undefined ? [] : ['--model', modelName])];
     },
+    grpc: (fx) => ({ json: input(fx) }),
     expect,
   };
 }
 
+/** `golem adapters unload NAME`, and UnloadAdapter. */
+function unload(name: string, adapter: string, expect: Expected): BadInputCase {
+  return { name: `unloadAdapter: ${name}`, method: 'unloadAdapter', cli: () => ['adapters', 'unload', adapter], grpc: () => ({ json: { name: adapter } }), expect };
+}
+
 /** A case only the CLI can send: it refuses the input before calling anyone. */
 function cliOnly(name: string, argument: string, field: string, reason = 'INVALID_INPUT'): BadInputCase {
-  return { name, cli: () => argument, expect: { code: 'INVALID_ARGUMENT', reason, field } };
+  return { name, method: 'takeExam', cli: () => ['exam', argument], expect: { code: 'INVALID_ARGUMENT', reason, field } };
+}
+
+/** Raw bytes to a method, as a client that does not speak the contract would send. */
+function raw(name: string, method: MethodName, bytes: Buffer, expect: Expected): BadInputCase {
+  return { name: `${method}: ${name}`, method, grpc: () => ({ bytes }), expect };
 }
 
 const invalidField = (field: string): Expected => ({ code: 'INVALID_ARGUMENT', reason: 'INVALID_FIELD', field });
+const outsideRoots = (field: string): Expected => ({ code: 'PERMISSION_DENIED', reason: 'PATH_OUTSIDE_ROOTS', field });
 const adapterCase = (name: string, pick: (bad: BadAdapters) => string, code: Code, reason: string): BadInputCase =>
   exam(name, (fx) => ({ adapterPath: pick(fx.bad) }), { code, reason, field: 'adapter_path' });
+// Field 1 says 2^35 bytes follow; three do.
+const UNDECODABLE = Buffer.from([0x0a, 0x80, 0x80, 0x80, 0x80, 0x01, 0x61, 0x62, 0x63]);
 
 const CASES: BadInputCase[] = [
   // The command line's own checks.
@@ -89,24 +124,26 @@ const CASES: BadInputCase[] = [
   cliOnly('JSON, not an object: an array', '[1, 2]', 'input'),
   cliOnly('JSON, not an object: a string', '"Which genre is dune?"', 'input'),
   cliOnly('JSON, not an object: null', 'null', 'input'),
-  cliOnly('unknown key', '{"max_new_tokens": 5}', 'max_new_tokens'),
+  cliOnly('unknown key', '{"maxTokens": 5}', 'maxTokens'),
   cliOnly('unknown nested key', '{"quantization": {"loadIn4bit": true}}', 'quantization.loadIn4bit'),
-  cliOnly('wrong type: maxNewTokens a string', '{"maxNewTokens": "5"}', 'maxNewTokens'),
+  cliOnly('wrong type: maxNewTokens a word', '{"maxNewTokens": "five"}', 'maxNewTokens'),
   cliOnly('wrong type: prompt a number', '{"prompt": 5}', 'prompt'),
   cliOnly('wrong type: quantization a boolean', '{"quantization": true}', 'quantization'),
   cliOnly('wrong type: disableAdapter a string', '{"disableAdapter": "yes"}', 'disableAdapter'),
   cliOnly('maxNewTokens 1.5', '{"maxNewTokens": 1.5}', 'maxNewTokens'),
   cliOnly('maxNewTokens beyond int32', '{"maxNewTokens": 2147483648}', 'maxNewTokens'),
+  cliOnly('seed beyond uint64', '{"seed": 18446744073709551616}', 'seed'),
   {
     name: 'huge argument',
-    cli: () => JSON.stringify({ prompt: 'x'.repeat(70000) }),
+    method: 'takeExam',
+    cli: () => ['exam', JSON.stringify({ prompt: 'x'.repeat(70000) })],
     cliExpect: { code: 'INVALID_ARGUMENT', reason: 'INPUT_TOO_LARGE', field: 'input' },
     // Over gRPC: a message over limits.maxMessageBytes, refused by grpc-js itself.
-    grpc: () => ({ request: { prompt: 'x'.repeat(MiB + 1000) } }),
+    grpc: () => ({ json: { prompt: 'x'.repeat(MiB + 1000) } }),
     expect: { code: 'RESOURCE_EXHAUSTED' },
   },
 
-  // The gateway's validation.
+  // TakeExam: the sidecar's field checks.
   exam('empty prompt', () => ({ prompt: '' }), invalidField('prompt')),
   exam('empty modelName', () => ({ modelName: '' }), invalidField('model_name')),
   exam('empty adapterPath', () => ({ adapterPath: '' }), invalidField('adapter_path')),
@@ -118,7 +155,7 @@ const CASES: BadInputCase[] = [
   exam('device "tpu"', () => ({ device: 'tpu' }), invalidField('device')),
   exam('unknown compute dtype', () => ({ quantization: { bnb4BitComputeDtype: 'int3' } }), invalidField('quantization.bnb_4bit_compute_dtype')),
 
-  // The sidecar's checks.
+  // TakeExam: what the sidecar finds when it looks.
   // The tiny model's context is 2048 tokens; this is about 2200, and still under maxInputBytes.
   exam('prompt longer than the model context', () => ({ prompt: 'genre '.repeat(2200) }), {
     code: 'INVALID_ARGUMENT',
@@ -136,6 +173,7 @@ const CASES: BadInputCase[] = [
     reason: 'MODEL_NOT_FOUND',
     field: 'model_name',
   }),
+  exam('model outside security.modelRoots', (fx) => ({ modelName: path.join(fx.outside, 'model') }), outsideRoots('model_name')),
   adapterCase('adapter path missing', (bad) => bad.missing, 'NOT_FOUND', 'ADAPTER_NOT_FOUND'),
   adapterCase('adapter path a file', (bad) => bad.file, 'INVALID_ARGUMENT', 'ADAPTER_NOT_A_DIRECTORY'),
   adapterCase('adapter without adapter_config.json', (bad) => bad.noConfig, 'FAILED_PRECONDITION', 'ADAPTER_CONFIG_MISSING'),
@@ -151,37 +189,82 @@ const CASES: BadInputCase[] = [
   adapterCase('adapter symlink out of the roots', (bad) => bad.symlinkOut, 'PERMISSION_DENIED', 'PATH_OUTSIDE_ROOTS'),
   adapterCase('adapter path climbing out with ..', (bad) => bad.dotDotOut, 'PERMISSION_DENIED', 'PATH_OUTSIDE_ROOTS'),
 
+  // StreamExam: the same checks before the first chunk.
+  stream('empty prompt', () => ({ prompt: '' }), invalidField('prompt')),
+  stream('maxNewTokens 0', () => ({ maxNewTokens: 0 }), invalidField('max_new_tokens')),
+  stream('adapter path missing', (fx) => ({ adapterPath: fx.bad.missing }), { code: 'NOT_FOUND', reason: 'ADAPTER_NOT_FOUND', field: 'adapter_path' }),
+  stream('adapter outside security.adapterRoots', (fx) => ({ adapterPath: fx.bad.outsideRoots }), outsideRoots('adapter_path')),
+  stream('model outside security.modelRoots', (fx) => ({ modelName: path.join(fx.outside, 'model') }), outsideRoots('model_name')),
+
+  // LoadAdapter.
+  load('bad name', (fx) => ({ name: '2bad', adapterPath: fx.models.adapter }), invalidField('name')),
+  load('missing folder', (fx) => ({ name: 'missing', adapterPath: fx.bad.missing }), {
+    code: 'NOT_FOUND',
+    reason: 'ADAPTER_NOT_FOUND',
+    field: 'adapter_path',
+  }),
+  load('adapter outside security.adapterRoots', (fx) => ({ name: 'outside', adapterPath: fx.bad.outsideRoots }), outsideRoots('adapter_path')),
+  load(
+    'model outside security.modelRoots',
+    (fx) => ({ name: 'outside_model', adapterPath: fx.models.adapter, modelName: path.join(fx.outside, 'model') }),
+    outsideRoots('model_name'),
+  ),
+
+  // UnloadAdapter.
+  unload('bad name', '2bad', invalidField('name')),
+  unload('not loaded', 'never_loaded', { code: 'NOT_FOUND', reason: 'ADAPTER_NOT_LOADED', field: 'name' }),
+
+  // ListAdapters: it takes no fields, so only bytes that are no ListAdaptersRequest can be wrong.
+  raw('undecodable bytes', 'listAdapters', UNDECODABLE, { code: 'INVALID_ARGUMENT' }),
+
+  // CompareAdapters.
+  compare('no prompts', (fx) => ({ adapters: [fx.models.adapter] }), invalidField('prompts')),
+  compare('blank prompt', (fx) => ({ prompts: [PROMPT, ' '], adapters: [fx.models.adapter] }), invalidField('prompts')),
+  compare('9 prompts', (fx) => ({ prompts: Array.from({ length: 9 }, () => PROMPT), adapters: [fx.models.adapter] }), invalidField('prompts')),
+  compare('9 adapters', (fx) => ({ prompts: [PROMPT], adapters: Array.from({ length: 9 }, (_, i) => `${fx.models.adapter}${'/.'.repeat(i)}`) }), invalidField('adapters')),
+  compare('duplicate adapters', (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, fx.models.adapter] }), invalidField('adapters')),
+  compare('adapter outside security.adapterRoots', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.outsideRoots] }), outsideRoots('adapters')),
+  compare('missing adapter', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.missing] }), { code: 'NOT_FOUND', reason: 'ADAPTER_NOT_FOUND', field: 'adapters' }),
+  compare(
+    'model outside security.modelRoots',
+    (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter], modelName: path.join(fx.outside, 'model') }),
+    outsideRoots('model_name'),
+  ),
+  compare('maxNewTokens 0', (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter], maxNewTokens: 0 }), invalidField('max_new_tokens')),
+
   // The protocol, over gRPC only.
   {
     name: 'unknown method',
-    grpc: () => ({ method: '/golem.exam.v1.ExamService/Nope', bytes: Buffer.alloc(0) }),
+    grpc: () => ({ path: '/golem.exam.v1.ExamService/Nope', bytes: Buffer.alloc(0) }),
     expect: { code: 'UNIMPLEMENTED' },
   },
   {
     name: 'unknown service',
-    grpc: () => ({ method: '/golem.exam.v9.NoService/TakeExam', bytes: Buffer.alloc(0) }),
+    grpc: () => ({ path: '/golem.exam.v9.NoService/TakeExam', bytes: Buffer.alloc(0) }),
     expect: { code: 'UNIMPLEMENTED' },
   },
+  raw('bytes that do not parse as TakeExamRequest', 'takeExam', UNDECODABLE, { code: 'INVALID_ARGUMENT' }),
+  raw('raw message over limits.maxMessageBytes', 'takeExam', Buffer.alloc(MiB + 1), { code: 'RESOURCE_EXHAUSTED' }),
   {
-    // Field 1 (model_name) says 2^35 bytes follow; three do.
-    name: 'bytes that do not parse as TakeExamRequest',
-    grpc: () => ({ method: EXAM_METHOD, bytes: Buffer.from([0x0a, 0x80, 0x80, 0x80, 0x80, 0x01, 0x61, 0x62, 0x63]) }),
-    expect: { code: 'INTERNAL' },
-  },
-  {
-    name: 'raw message over limits.maxMessageBytes',
-    grpc: () => ({ method: EXAM_METHOD, bytes: Buffer.alloc(MiB + 1) }),
-    expect: { code: 'RESOURCE_EXHAUSTED' },
-  },
-  {
-    name: 'deadline shorter than loading the model takes',
-    grpc: (fx) => ({
-      request: { modelName: fx.bad.unloadedModel, disableAdapter: true },
-      options: { deadline: Date.now() + 30 },
-    }),
+    name: 'takeExam: deadline shorter than loading the model takes',
+    method: 'takeExam',
+    grpc: (fx) => ({ json: { modelName: fx.bad.unloadedModel, disableAdapter: true }, options: { deadline: Date.now() + 30 } }),
     expect: { code: 'DEADLINE_EXCEEDED' },
   },
 ];
+
+/** The gRPC call a case makes: its JSON encoded through the contract, or its bytes as they are. */
+function sendAttempt(address: string, c: BadInputCase, attempt: GrpcAttempt) {
+  const method = c.method && ExamServiceService[c.method];
+  const target = ('path' in attempt && attempt.path) || method?.path;
+  if (!target) throw new Error(`case "${c.name}" names no method`);
+  if ('bytes' in attempt) return rawCall(address, target, attempt.bytes, { responseStream: method?.responseStream });
+  const input = methodMessages(target)?.input;
+  if (!input) throw new Error(`case "${c.name}": ${target} is not in the contract`);
+  const parsed = parseRequest(JSON.stringify(attempt.json), input.typeName);
+  if (!parsed.ok) throw new Error(`case "${c.name}" is not valid proto3 JSON: ${JSON.stringify(parsed.violations)}`);
+  return rawCall(address, target, parsed.bytes, { ...attempt.options, responseStream: method?.responseStream });
+}
 
 describe('bad-input matrix', () => {
   const fx = {} as Fixtures;
@@ -197,12 +280,14 @@ describe('bad-input matrix', () => {
     dir = mkdtempSync(path.join(os.tmpdir(), 'golem-matrix-'));
     outside = mkdtempSync(path.join(os.tmpdir(), 'golem-outside-'));
     fx.bad = badAdapters(fx.models, dir, outside);
+    fx.outside = outside;
     const config = tinyConfig(fx.models);
     const configFile = path.join(dir, 'golem.json');
-    const adapterRoots = [path.dirname(fx.models.adapter), dir];
+    // The tiny models and the bad adapters (and the copied base) are inside; `outside` is not.
+    const roots = [path.dirname(fx.models.adapter), dir];
     writeFileSync(
       configFile,
-      JSON.stringify({ ...config, logLevel: 'info', security: { ...config.security, adapterRoots } }),
+      JSON.stringify({ ...config, logLevel: 'info', security: { ...config.security, adapterRoots: roots, modelRoots: roots } }),
     );
     daemon = serve(configFile);
     address = await daemon.ready;
@@ -225,9 +310,17 @@ describe('bad-input matrix', () => {
   const cliCases = CASES.filter((c) => c.cli);
   const grpcCases = CASES.filter((c) => c.grpc);
 
+  it('has rows for every ExamService method, over gRPC and through the CLI', () => {
+    const methods = Object.keys(ExamServiceService) as MethodName[];
+    const uncovered = (cases: BadInputCase[]): MethodName[] => methods.filter((m) => !cases.some((c) => c.method === m));
+    expect(uncovered(grpcCases)).toEqual([]);
+    // ListAdapters takes no input the CLI could get wrong.
+    expect(uncovered(cliCases)).toEqual(['listAdapters']);
+  });
+
   it.each(cliCases.map((c) => [c.name, c] as const))('CLI: %s', async (_name, c) => {
     const expected = c.cliExpect ?? c.expect;
-    const run = await golem(['exam', (c.cli as (fx: Fixtures) => string)(fx), '--address', address]);
+    const run = await golem([...(c.cli as (fx: Fixtures) => string[])(fx), '--address', address]);
     const exit = EXIT[expected.code] ?? 1;
     expect({ code: run.code, status: run.json.status, exitCode: run.json.exitCode }).toEqual({
       code: exit,
@@ -243,11 +336,7 @@ describe('bad-input matrix', () => {
   });
 
   it.each(grpcCases.map((c) => [c.name, c] as const))('gRPC: %s', async (_name, c) => {
-    const attempt = (c.grpc as (fx: Fixtures) => GrpcAttempt)(fx);
-    const result: CallResult =
-      'method' in attempt
-        ? await rawCall(address, attempt.method, attempt.bytes)
-        : await takeExam(client, attempt.request, undefined, attempt.options);
+    const result = await sendAttempt(address, c, (c.grpc as (fx: Fixtures) => GrpcAttempt)(fx));
     expect(result.error && status[result.error.code]).toBe(c.expect.code);
     if (c.expect.reason !== undefined) expect(result.details?.reason).toBe(c.expect.reason);
     if (c.expect.field !== undefined) expect(result.details?.fieldViolations.map((v) => v.field)).toEqual([c.expect.field]);

@@ -134,7 +134,7 @@ describe('golem CLI end to end', () => {
   });
 
   it('compares adapters: a table on stderr, the JSON line on stdout', async () => {
-    const input = { prompt: 'Instruction: Which genre is the hobbit?\nResponse:', adapters: [models.adapter_b], maxNewTokens: 3 };
+    const input = { prompts: ['Instruction: Which genre is the hobbit?\nResponse:'], adapters: [models.adapter_b], maxNewTokens: 3 };
     const run = await golem(['compare', JSON.stringify(input), '--address', address]);
     expect(run.code).toBe(0);
     expect(run.json).toMatchObject({ status: 'success', exitCode: 0 });
@@ -142,6 +142,10 @@ describe('golem CLI end to end', () => {
     expect(run.stderr).toMatch(/^__base__\s/m);
     const bad = await golem(['compare', '{"adapters": []}', '--address', address]);
     expect(bad.code).toBe(2);
+    // CompareAdaptersRequest has no `prompt`: the input is its proto3 JSON, nothing else.
+    const shorthand = await golem(['compare', '{"prompt": "x", "adapters": ["a"]}', '--address', address]);
+    expect(shorthand.code).toBe(2);
+    expect(shorthand.json.message).toMatch(/prompt: unknown key/);
   });
 
   it('fails adapters list with exit 5 when no daemon listens', async () => {
@@ -163,7 +167,7 @@ describe('golem CLI end to end', () => {
     expect(run.stderr).toContain('golem: error: NOT_FOUND');
   });
 
-  it('fails with exit 2 naming the field when the gateway refuses a value', async () => {
+  it('fails with exit 2 naming the field when the daemon refuses a value', async () => {
     const run = await golem(['exam', '{"maxNewTokens": 100000}', '--address', address]);
     expect(run.code).toBe(2);
     expect(run.json).toMatchObject({
@@ -181,12 +185,18 @@ describe('golem CLI end to end', () => {
   });
 
   it('refuses an unknown key or a wrong type with exit 2, naming the key', async () => {
-    const unknown = await golem(['exam', '{"max_new_tokens": 5}', '--address', address]);
+    const unknown = await golem(['exam', '{"maxTokens": 5}', '--address', address]);
     expect(unknown.code).toBe(2);
-    expect(unknown.json.message).toMatch(/max_new_tokens: unknown key/);
-    const wrongType = await golem(['exam', '{"maxNewTokens": "5"}', '--address', address]);
+    expect(unknown.json.message).toMatch(/maxTokens: unknown key/);
+    const wrongType = await golem(['exam', '{"maxNewTokens": "five"}', '--address', address]);
     expect(wrongType.code).toBe(2);
     expect(wrongType.json.message).toMatch(/maxNewTokens: /);
+  });
+
+  it('takes the whole uint64 range for seed, as a JSON number', async () => {
+    const input = '{"seed": 18446744073709551615, "temperature": 0.7, "maxNewTokens": 2}';
+    const run = await golem(['exam', input, '--address', address]);
+    expect(run).toMatchObject({ code: 0, json: { status: 'success', exitCode: 0 } });
   });
 
   it('starts its own daemon for one call when nothing listens at the address', async () => {

@@ -3,7 +3,7 @@
  * Python sidecar on the tiny model; and the sidecar's backpressure passing through unchanged.
  */
 import { status } from '@grpc/grpc-js';
-import { DETAILS_KEY } from '../src/gateway/errors';
+import { DETAILS_KEY } from '../src/wire';
 import { startGateway, type Gateway } from '../src/gateway/server';
 import type {
   CompareAdaptersRequest,

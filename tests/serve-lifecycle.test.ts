@@ -34,8 +34,8 @@ describe('golem serve lifecycle', () => {
 
   function writeConfig(name: string, edit: (config: GolemConfig) => GolemConfig): string {
     const file = path.join(dir, name);
-    // Info level: the tests follow the daemon through its log lines.
-    writeFileSync(file, JSON.stringify(edit({ ...tinyConfig(models), logLevel: 'info' })));
+    // Debug level: the tests follow the daemon through its log lines, calls by "call started".
+    writeFileSync(file, JSON.stringify(edit({ ...tinyConfig(models), logLevel: 'debug' })));
     return file;
   }
 
@@ -51,7 +51,7 @@ describe('golem serve lifecycle', () => {
 
     // About 0.6 s of generation: still running when the signal comes.
     const long = takeExam(client, { maxNewTokens: 500, adapterPath: models.adapter_b });
-    await waitFor(logged('take exam'));
+    await waitFor(logged('call started'));
     daemon.child.kill('SIGTERM');
     await waitFor(logged('gateway shutting down'));
     const late = examClient(address);
@@ -81,7 +81,7 @@ describe('golem serve lifecycle', () => {
     daemon = serve(file);
     const client = examClient(await daemon.ready);
     const calls = [1, 2].map(() => takeExam(client, { prompt: 'hello' }));
-    await waitFor(() => (daemon?.lines.filter((line) => line.message === 'take exam').length ?? 0) >= 2);
+    await waitFor(() => (daemon?.lines.filter((line) => line.message === 'call started').length ?? 0) >= 2);
     const signalled = Date.now();
     daemon.child.kill('SIGTERM');
     for (const { error, details } of await Promise.all(calls)) {

@@ -7,10 +7,11 @@ import { ConfigError, loadConfig } from '../config';
 import {
   CompareAdaptersResponse,
   ExamServiceClient,
+  ExamServiceService,
   ListAdaptersResponse,
   LoadAdapterResponse,
-  type CompareAdaptersRequest,
 } from '../gen/golem/exam/v1/exam';
+import { identity } from '../sidecar/client';
 import { callMetadata, channelCredentialsFor, daemonAddress, failure, fromError, type ExamOutcome } from './exam';
 import { ExitCode } from './exit-codes';
 import { parseCompareInput } from './input';
@@ -64,12 +65,14 @@ export function runCompare(input: string, options: DaemonOptions): Promise<ExitC
       print(failure(ExitCode.INVALID_INPUT, `invalid input: ${what}`, 'INVALID_ARGUMENT', 'INVALID_INPUT', parsed.violations)),
     );
   }
-  const request: CompareAdaptersRequest = parsed.request;
+  const adapters = Array.isArray(parsed.request.adapters) ? parsed.request.adapters.length : 0;
+  const method = ExamServiceService.compareAdapters;
+  // Sent as the bytes the input parser encoded, like exam's request.
   return run(options, (client, metadata, done) =>
-    client.compareAdapters(request, metadata, (error, response) => {
-      if (error) return done(error);
+    client.makeUnaryRequest(method.path, identity, method.responseDeserialize, Buffer.from(parsed.bytes), metadata, (error, response) => {
+      if (error || !response) return done(error);
       process.stderr.write(compareTable(response));
-      done(null, success(`compared ${request.adapters.length} adapter(s) with the base`, CompareAdaptersResponse.toJSON(response)));
+      done(null, success(`compared ${adapters} adapter(s) with the base`, CompareAdaptersResponse.toJSON(response)));
     }),
   );
 }

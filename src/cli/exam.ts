@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import {
+  Client,
   credentials,
   Metadata,
   status as GrpcStatus,
@@ -14,11 +15,12 @@ import {
   type StatusObject,
 } from '@grpc/grpc-js';
 import { ConfigError, loadConfig, type GolemConfig } from '../config';
-import { AUTHORIZATION_KEY } from '../gateway/auth';
 import { parseErrorDetails, type FieldViolation } from '../gateway/errors';
-import { REQUEST_ID_KEY, startGateway, type Gateway } from '../gateway/server';
-import { ExamServiceClient, TakeExamRequest, TakeExamResponse, type ExamChunk } from '../gen/golem/exam/v1/exam';
+import { startGateway, type Gateway } from '../gateway/server';
+import { ExamServiceService, TakeExamResponse, type ExamChunk } from '../gen/golem/exam/v1/exam';
 import { createLogger } from '../log';
+import { identity } from '../sidecar/client';
+import { AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
 import { ExitCode, exitCodeForStatus } from './exit-codes';
 import { parseExamInput } from './input';
 import { isListening } from './probe';
@@ -72,18 +74,18 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
   const token = process.env[config.security.authTokenEnv] || undefined;
   const address = daemonAddress(options.address);
   let gateway: Gateway | undefined;
-  let client: ExamServiceClient;
+  let client: Client;
   if (await isListening(address)) {
-    client = new ExamServiceClient(address, channelCredentials);
+    client = new Client(address, channelCredentials);
   } else {
     process.stderr.write(`golem: no daemon at ${address}; starting one for this call\n`);
     const started = await startOwnGateway(config);
     if ('exitCode' in started) return started;
     gateway = started;
-    client = new ExamServiceClient(gateway.address, credentials.createInsecure());
+    client = new Client(gateway.address, credentials.createInsecure());
   }
   try {
-    return await (options.stream ? streamCall : call)(client, parsed.request, token);
+    return await (options.stream ? streamCall : call)(client, Buffer.from(parsed.bytes), token);
   } finally {
     client.close();
     await gateway?.close();
@@ -136,22 +138,25 @@ async function startOwnGateway(config: GolemConfig): Promise<Gateway | ExamOutco
   }
 }
 
-function call(client: ExamServiceClient, request: TakeExamRequest, token: string | undefined): Promise<ExamOutcome> {
+// The request goes as the bytes the input parser encoded: a uint64 seed stays exact.
+function call(client: Client, request: Buffer, token: string | undefined): Promise<ExamOutcome> {
   const { metadata, requestId } = callMetadata(token);
+  const method = ExamServiceService.takeExam;
   return new Promise((resolve) => {
-    client.takeExam(request, metadata, (error: ServiceError | null, response: TakeExamResponse) => {
-      resolve(error ? fromError(error, requestId) : fromResponse(response));
+    client.makeUnaryRequest(method.path, identity, method.responseDeserialize, request, metadata, (error, response) => {
+      resolve(error || !response ? fromError(error as ServiceError, requestId) : fromResponse(response));
     });
   });
 }
 
 // The text goes to stderr as it comes; stdout keeps its one JSON line, built from the final chunk.
-function streamCall(client: ExamServiceClient, request: TakeExamRequest, token: string | undefined): Promise<ExamOutcome> {
+function streamCall(client: Client, request: Buffer, token: string | undefined): Promise<ExamOutcome> {
   const { metadata, requestId } = callMetadata(token);
+  const method = ExamServiceService.streamExam;
   return new Promise((resolve) => {
     let final: TakeExamResponse | undefined;
     let wrote = false;
-    const stream = client.streamExam(request, metadata);
+    const stream = client.makeServerStreamRequest(method.path, identity, method.responseDeserialize, request, metadata);
     stream.on('data', (chunk: ExamChunk) => {
       if (chunk.text !== undefined) {
         process.stderr.write(chunk.text);

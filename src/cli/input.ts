@@ -1,141 +1,128 @@
 /**
- * The `golem exam` input: the seed script's JSON object, camelCase keys. Checked strictly (unknown
- * keys and wrong types are refused, naming the key); a key left out stays unset in the request
- * so the daemon's configured default applies. Value ranges are the gateway's to check.
+ * The CLI's JSON input: the proto3 JSON of a request message (`golem exam` takes
+ * TakeExamRequest's, `golem compare` CompareAdaptersRequest's), parsed through the contract's
+ * descriptors, so the keys are the proto's JSON names (`maxNewTokens`, `loadIn4Bit`; the proto
+ * field names are accepted too, as proto3 JSON says). Parsing is strict: an unknown key or a wrong
+ * type is refused naming its key. A key left out stays unset, so the daemon's default applies.
+ * Value ranges are the sidecar's to check.
  */
-import { z } from 'zod';
-import { CompareAdaptersRequest, TakeExamRequest } from '../gen/golem/exam/v1/exam';
+import { randomUUID } from 'node:crypto';
+import { fromJson, ScalarType, toBinary, toJson, type DescField, type DescMessage, type JsonObject, type JsonValue } from '@bufbuild/protobuf';
+import { messageDescriptor } from '../contract';
 import type { FieldViolation } from '../gateway/errors';
 
-export const examInputSchema = z.strictObject({
-  modelName: z.string().optional(),
-  adapterPath: z.string().optional(),
-  prompt: z.string().optional(),
-  maxNewTokens: z.int32().optional(),
-  device: z.string().optional(),
-  quantization: z
-    .strictObject({
-      loadIn4Bit: z.boolean().optional(),
-      bnb4BitComputeDtype: z.string().optional(),
-    })
-    .optional(),
-  expectedAnswer: z.string().optional(),
-  disableAdapter: z.boolean().optional(),
-  temperature: z.number().optional(),
-  topP: z.number().optional(),
-  topK: z.int32().optional(),
-  // A JSON number is exact only up to 2^53: larger seeds would silently change.
-  seed: z.int().nonnegative().optional(),
-  stop: z.array(z.string()).optional(),
-  repetitionPenalty: z.number().optional(),
-  adapterName: z.string().optional(),
-});
+export const EXAM_REQUEST_TYPE = 'golem.exam.v1.TakeExamRequest';
+export const COMPARE_REQUEST_TYPE = 'golem.exam.v1.CompareAdaptersRequest';
 
-export type ExamInput = z.infer<typeof examInputSchema>;
+/** A parsed request: its canonical proto3 JSON (for showing) and its wire bytes (for sending). */
+export type ParsedInput = { ok: true; request: JsonObject; bytes: Uint8Array } | { ok: false; violations: FieldViolation[] };
 
-export type ParsedInput = { ok: true; request: TakeExamRequest } | { ok: false; violations: FieldViolation[] };
-
-/** Parses the command-line JSON text into a request, or lists what is wrong with it, by key. */
+/** Parses `golem exam`'s JSON text into a TakeExamRequest, or lists what is wrong with it, by key. */
 export function parseExamInput(text: string): ParsedInput {
-  const value = parseJsonObject(text);
-  if ('violations' in value) return value;
-  const parsed = examInputSchema.safeParse(value.object);
-  if (!parsed.success) {
-    return { ok: false, violations: parsed.error.issues.flatMap((issue) => describeIssue(issue)) };
+  return parseRequest(text, EXAM_REQUEST_TYPE);
+}
+
+/** Parses `golem compare`'s JSON text into a CompareAdaptersRequest, the same way. */
+export function parseCompareInput(text: string): ParsedInput {
+  return parseRequest(text, COMPARE_REQUEST_TYPE);
+}
+
+/** Parses JSON text as the proto3 JSON of the message `typeName`. */
+export function parseRequest(text: string, typeName: string): ParsedInput {
+  const desc = messageDescriptor(typeName);
+  const parsed = parseJsonObject(text);
+  if ('violations' in parsed) return { ok: false, violations: parsed.violations };
+  const violations: FieldViolation[] = [];
+  const checked = checkMessage(desc, parsed.object, [], violations, parsed.bigInts);
+  if (violations.length > 0) return { ok: false, violations };
+  const message = fromJson(desc, checked);
+  return { ok: true, request: toJson(desc, message) as JsonObject, bytes: toBinary(desc, message) };
+}
+
+/**
+ * Checks each key of `object` against the message's fields, one key at a time, so that every
+ * problem names its key (dotted for nested messages). Returns the object with big integers restored.
+ */
+function checkMessage(desc: DescMessage, object: JsonObject, at: string[], violations: FieldViolation[], bigInts: BigInts): JsonObject {
+  const checked: JsonObject = {};
+  for (const [key, raw] of Object.entries(object)) {
+    const path = [...at, key].join('.');
+    const field = desc.fields.find((f) => f.jsonName === key || f.name === key);
+    if (!field) {
+      violations.push({ field: path, description: `unknown key${suggestion(desc, key)}` });
+      continue;
+    }
+    const value = bigInts.restore(raw, field);
+    if (field.fieldKind === 'message' && isObject(value)) {
+      checked[key] = checkMessage(field.message, value, [...at, key], violations, bigInts);
+      continue;
+    }
+    const problem = decodeProblem(desc, field, key, value);
+    if (problem) violations.push({ field: path, description: problem });
+    else checked[key] = value;
   }
-  return { ok: true, request: toTakeExamRequest(parsed.data) };
+  return checked;
 }
 
-/** Maps the input's keys onto the request's; absent keys stay undefined. */
-export function toTakeExamRequest(input: ExamInput): TakeExamRequest {
-  return TakeExamRequest.fromPartial({
-    modelName: input.modelName,
-    adapterPath: input.adapterPath,
-    prompt: input.prompt,
-    maxNewTokens: input.maxNewTokens,
-    device: input.device,
-    quantization: input.quantization && {
-      loadIn4bit: input.quantization.loadIn4Bit,
-      bnb4bitComputeDtype: input.quantization.bnb4BitComputeDtype,
-    },
-    expectedAnswer: input.expectedAnswer,
-    disableAdapter: input.disableAdapter ?? false,
-    temperature: input.temperature,
-    topP: input.topP,
-    topK: input.topK,
-    seed: input.seed,
-    stop: input.stop,
-    repetitionPenalty: input.repetitionPenalty,
-    adapterName: input.adapterName,
-  });
-}
-
-/** The `golem compare` input: one prompt or several, the adapters to set against the base. */
-export const compareInputSchema = z
-  .strictObject({
-    prompts: z.array(z.string()).optional(),
-    prompt: z.string().optional(),
-    adapters: z.array(z.string()),
-    modelName: z.string().optional(),
-    maxNewTokens: z.int32().optional(),
-  })
-  .refine((input) => (input.prompts === undefined) !== (input.prompt === undefined), {
-    message: 'give either prompts or prompt, not both',
-    path: ['prompts'],
-  });
-
-export type ParsedCompareInput =
-  | { ok: true; request: CompareAdaptersRequest }
-  | { ok: false; violations: FieldViolation[] };
-
-/** Parses `golem compare`'s JSON text into a request, or lists what is wrong with it, by key. */
-export function parseCompareInput(text: string): ParsedCompareInput {
-  const value = parseJsonObject(text);
-  if ('violations' in value) return value;
-  const parsed = compareInputSchema.safeParse(value.object);
-  if (!parsed.success) {
-    return { ok: false, violations: parsed.error.issues.flatMap((issue) => describeIssue(issue, false)) };
+// The descriptor's own JSON rules decide; their message loses its "cannot decode ..." preamble.
+function decodeProblem(desc: DescMessage, field: DescField, key: string, value: JsonValue): string | undefined {
+  try {
+    fromJson(desc, { [key]: value });
+    return undefined;
+  } catch (err) {
+    if (field.fieldKind === 'message') return `expected an object, got ${JSON.stringify(value)}`;
+    return (err as Error).message.replace(/^cannot decode (field|message) \S+ from JSON: /, '');
   }
-  const input = parsed.data;
-  return {
-    ok: true,
-    request: CompareAdaptersRequest.fromPartial({
-      prompts: input.prompts ?? [input.prompt ?? ''],
-      adapters: input.adapters,
-      modelName: input.modelName,
-      maxNewTokens: input.maxNewTokens,
-    }),
-  };
 }
 
-function parseJsonObject(text: string): { object: object } | { ok: false; violations: FieldViolation[] } {
+// The common slip is case (`loadIn4bit` for `loadIn4Bit`, `modelname`): name the key meant.
+function suggestion(desc: DescMessage, key: string): string {
+  const meant = desc.fields.find((f) => f.jsonName.toLowerCase() === key.toLowerCase());
+  return meant ? ` (did you mean ${meant.jsonName}?)` : '';
+}
+
+const INT64_TYPES = new Set([ScalarType.INT64, ScalarType.UINT64, ScalarType.SINT64, ScalarType.FIXED64, ScalarType.SFIXED64]);
+
+/**
+ * JSON.parse turns an integer beyond 2^53 into the nearest double, so `seed` would silently
+ * change. Such literals are read as marked strings instead, and put back per field: the exact
+ * digits for a 64-bit integer field (proto3 JSON takes them as a string), a number anywhere else
+ * (where the field's own rules then refuse or round it as they would have).
+ */
+class BigInts {
+  private readonly mark = `\u0000bigint-${randomUUID()}:`;
+
+  /** Rewrites the text's unsafe integer literals (outside strings) as marked strings. */
+  protect(text: string): string {
+    return text.replace(/"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?/g, (token) =>
+      /^-?\d+$/.test(token) && !Number.isSafeInteger(Number(token)) ? JSON.stringify(this.mark + token) : token,
+    );
+  }
+
+  restore(value: JsonValue, field: DescField): JsonValue {
+    if (Array.isArray(value)) return value.map((item) => this.restore(item, field));
+    if (typeof value !== 'string' || !value.startsWith(this.mark)) return value;
+    const digits = value.slice(this.mark.length);
+    const int64 = (field.fieldKind === 'scalar' || field.fieldKind === 'list') && field.scalar !== undefined && INT64_TYPES.has(field.scalar);
+    return int64 ? digits : Number(digits);
+  }
+}
+
+function parseJsonObject(text: string): { object: JsonObject; bigInts: BigInts } | { violations: FieldViolation[] } {
+  const bigInts = new BigInts();
   let value: unknown;
   try {
-    value = JSON.parse(text);
+    value = JSON.parse(bigInts.protect(text));
   } catch (err) {
-    return { ok: false, violations: [{ field: 'input', description: `not valid JSON: ${(err as Error).message}` }] };
+    return { violations: [{ field: 'input', description: `not valid JSON: ${(err as Error).message}` }] };
   }
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    const got = Array.isArray(value) ? 'an array' : typeof value;
-    return { ok: false, violations: [{ field: 'input', description: `must be a JSON object, got ${got}` }] };
+  if (!isObject(value)) {
+    const got = Array.isArray(value) ? 'an array' : typeof value === 'string' && value.startsWith('\u0000') ? 'number' : typeof value;
+    return { violations: [{ field: 'input', description: `must be a JSON object, got ${got}` }] };
   }
-  return { object: value };
+  return { object: value, bigInts };
 }
 
-function describeIssue(issue: z.core.$ZodIssue, suggest = true): FieldViolation[] {
-  const prefix = issue.path.map(String).join('.');
-  if (issue.code === 'unrecognized_keys') {
-    return issue.keys.map((key) => ({
-      field: prefix ? `${prefix}.${key}` : key,
-      description: `unknown key${suggest ? suggestion(key, issue.path) : ''}`,
-    }));
-  }
-  return [{ field: prefix || 'input', description: issue.message }];
-}
-
-// The common slip is case (`loadIn4bit` for `loadIn4Bit`, as ts-proto spells it): name the key meant.
-function suggestion(key: string, at: PropertyKey[]): string {
-  const shape = at.length === 0 ? examInputSchema.shape : examInputSchema.shape.quantization.unwrap().shape;
-  const meant = Object.keys(shape).find((known) => known.toLowerCase() === key.toLowerCase());
-  return meant ? ` (did you mean ${meant}?)` : '';
+function isObject(value: unknown): value is JsonObject {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
 }

@@ -19,10 +19,11 @@ const USAGE = `usage:
   golem adapters list [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
   golem compare '<json>' [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
 
-exam input keys: modelName, adapterPath, adapterName, prompt, maxNewTokens, device, quantization,
-  expectedAnswer, disableAdapter, temperature, topP, topK, seed, stop, repetitionPenalty.
+exam input: the proto3 JSON of TakeExamRequest: modelName, adapterPath, adapterName, prompt,
+  maxNewTokens, device, quantization {loadIn4Bit, bnb4BitComputeDtype}, expectedAnswer,
+  disableAdapter, temperature, topP, topK, seed, stop, repetitionPenalty.
 exam --stream prints the answer on stderr as it is generated; stdout gets the usual JSON line.
-compare input: {"prompts": [...] or "prompt": "...", "adapters": [...], "modelName"?, "maxNewTokens"?};
+compare input: the proto3 JSON of CompareAdaptersRequest: {"prompts": [...], "adapters": [...], "modelName"?, "maxNewTokens"?};
   it prints a table on stderr: per prompt, each model's answer, tokens and mean log-prob under each model.
 adapters and compare need a running daemon (golem serve); exam starts one for the call if none runs.
 Every command but serve prints one JSON line {status, exitCode, message?, result?, detail?} on stdout.

@@ -4,9 +4,9 @@
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { status as GrpcStatus, type Metadata } from '@grpc/grpc-js';
+import { AUTHORIZATION_KEY } from '../wire';
 import { GrpcError, statusError } from './errors';
 
-export const AUTHORIZATION_KEY = 'authorization';
 export const UNAUTHENTICATED_REASON = 'UNAUTHENTICATED';
 
 /** Checks one call's metadata; throws UNAUTHENTICATED unless it carries the right token. */

@@ -3,7 +3,7 @@
  * server ("") and for the exam service: NOT_SERVING until the sidecar says SERVING.
  */
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
-import { EXAM_SERVICE_NAME } from '../sidecar/client';
+import { EXAM_SERVICE_NAME } from '../wire';
 
 const SERVICE_NAMES = ['', EXAM_SERVICE_NAME] as const;
 

@@ -5,21 +5,19 @@
  */
 import { Server, type ServerCredentials } from '@grpc/grpc-js';
 import type { GolemConfig } from '../config';
-import { ExamServiceService, type ExamServiceServer } from '../gen/golem/exam/v1/exam';
 import { createLogger, type Logger } from '../log';
 import { messageSizeOptions } from '../sidecar/client';
 import { describeExit } from '../sidecar/process';
 import { SidecarSupervisor } from '../sidecar/supervisor';
 import { bearerAuthorizer } from './auth';
 import { serverCredentials } from './credentials';
-import { streamExamHandler, takeExamRoute, unaryHandler, type Forwarding } from './forward';
+import { forwardingHandlers, rawExamService } from './forward';
 import { createHealth } from './health';
 import { InFlightCalls } from './in-flight';
+import { gatewayInterceptors, ShutdownGate } from './interceptors';
 import { createReflection } from './reflection';
 import { isLoopback, sidecarConfig } from './roots';
 import { SHUTTING_DOWN, SidecarLink, unavailable } from './sidecar-link';
-
-export { REQUEST_ID_KEY } from './forward';
 
 // After the last call is answered, how long open streams (health watches) get to close politely.
 const CLOSE_POLITELY_MS = 500;
@@ -61,31 +59,18 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   const health = createHealth();
   const link = new SidecarLink(health, config.limits.maxMessageBytes);
   const inFlight = new InFlightCalls();
-  const server = new Server(messageSizeOptions(config.limits.maxMessageBytes));
-  const authorize = bearerAuthorizer(token);
-  const forwarding: Forwarding = { logger, config, authorize, link, inFlight };
-  // The registry and comparison RPCs are validated by the sidecar alone.
-  const handlers: ExamServiceServer = {
-    takeExam: unaryHandler(forwarding, takeExamRoute(config)),
-    streamExam: streamExamHandler(forwarding),
-    loadAdapter: unaryHandler(forwarding, {
-      name: 'load adapter',
-      invoke: (client, request, metadata, options, signal) => client.loadAdapter(request, metadata, options, signal),
-    }),
-    unloadAdapter: unaryHandler(forwarding, {
-      name: 'unload adapter',
-      invoke: (client, request, metadata, options, signal) => client.unloadAdapter(request, metadata, options, signal),
-    }),
-    listAdapters: unaryHandler(forwarding, {
-      name: 'list adapters',
-      invoke: (client, request, metadata, options, signal) => client.listAdapters(request, metadata, options, signal),
-    }),
-    compareAdapters: unaryHandler(forwarding, {
-      name: 'compare adapters',
-      invoke: (client, request, metadata, options, signal) => client.compareAdapters(request, metadata, options, signal),
-    }),
-  };
-  server.addService(ExamServiceService, handlers);
+  const shutdown = new ShutdownGate();
+  const interceptors = gatewayInterceptors({
+    logger,
+    production: config.production,
+    authorize: bearerAuthorizer(token),
+    shutdown,
+  });
+  const server = new Server({ ...messageSizeOptions(config.limits.maxMessageBytes), interceptors });
+  server.addService(
+    rawExamService(),
+    forwardingHandlers({ logger, link, inFlight, requestTimeoutMs: config.limits.requestTimeoutMs }),
+  );
   health.addToServer(server);
   createReflection().addToServer(server);
   const port = await bind(server, listen, credentials);
@@ -127,6 +112,7 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
     sidecarPid: () => supervisor?.pid,
     close: async () => {
       logger.info('gateway shutting down', { calls_in_flight: inFlight.size, grace_ms: config.limits.shutdownGraceMs });
+      shutdown.close();
       link.refuse(unavailable('the daemon is shutting down', SHUTTING_DOWN), true);
       await drain(server, inFlight, config.limits.shutdownGraceMs, logger);
       link.close();
@@ -146,11 +132,11 @@ function bind(server: Server, listen: string, credentials: ServerCredentials): P
 }
 
 /**
- * Stops accepting calls, waits up to `graceMs` for those in flight, ends the rest with
- * UNAVAILABLE `SHUTTING_DOWN`, then closes the server.
+ * Waits up to `graceMs` for the calls in flight (the shutdown gate already refuses new ones, with
+ * a reason, which a closed port could not give), ends the rest with UNAVAILABLE `SHUTTING_DOWN`,
+ * then closes the server.
  */
 async function drain(server: Server, inFlight: InFlightCalls, graceMs: number, logger: Logger): Promise<void> {
-  const closed = new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
   let timer: NodeJS.Timeout | undefined;
   const graceOver = new Promise<'grace over'>((resolve) => {
     timer = setTimeout(() => resolve('grace over'), graceMs);
@@ -161,6 +147,7 @@ async function drain(server: Server, inFlight: InFlightCalls, graceMs: number, l
     await inFlight.whenIdle();
   }
   clearTimeout(timer);
+  const closed = new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
   // The answers just sent need a moment to leave; health watches would hold the server forever.
   await Promise.race([closed, new Promise((resolve) => (timer = setTimeout(resolve, CLOSE_POLITELY_MS)))]);
   clearTimeout(timer);

@@ -6,10 +6,9 @@
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { HealthImplementation } from 'grpc-health-check';
 import { SidecarClient, messageSizeOptions } from '../sidecar/client';
-import { GrpcError, statusError } from './errors';
+import { GrpcError, SIDECAR_UNAVAILABLE, statusError } from './errors';
 import { setServing } from './health';
 
-export const SIDECAR_UNAVAILABLE = 'SIDECAR_UNAVAILABLE';
 export const SHUTTING_DOWN = 'SHUTTING_DOWN';
 
 /** An UNAVAILABLE error with its ErrorInfo reason: retry, later or elsewhere. */

@@ -1,37 +1,23 @@
 /**
- * The gateway's view of the Python sidecar: its ExamService and its grpc.health.v1 service over
+ * The gateway's view of the Python sidecar: any ExamService method by its path, as raw bytes
+ * (the gateway forwards messages without re-encoding them), and its grpc.health.v1 service, over
  * one channel.
  */
 import {
+  Client,
   credentials,
   makeClientConstructor,
-  Metadata,
   type CallOptions,
   type ChannelOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type Metadata,
   type ServiceError,
 } from '@grpc/grpc-js';
 import { service as healthService, type ServingStatus } from 'grpc-health-check';
-import {
-  ExamServiceClient,
-  type CompareAdaptersRequest,
-  type CompareAdaptersResponse,
-  type ExamChunk,
-  type ListAdaptersRequest,
-  type ListAdaptersResponse,
-  type LoadAdapterRequest,
-  type LoadAdapterResponse,
-  type TakeExamRequest,
-  type TakeExamResponse,
-  type UnloadAdapterRequest,
-  type UnloadAdapterResponse,
-} from '../gen/golem/exam/v1/exam';
+import { EXAM_SERVICE_NAME } from '../wire';
 
 export type { ServingStatus };
-
-/** The exam service's name, as it is registered for health checks on both processes. */
-export const EXAM_SERVICE_NAME = 'golem.exam.v1.ExamService';
 
 interface HealthCheckRequest {
   service: string;
@@ -64,77 +50,48 @@ export function messageSizeOptions(maxMessageBytes: number): ChannelOptions {
   };
 }
 
+/** Passes a message's bytes through untouched, both ways. */
+export const identity = (bytes: Buffer): Buffer => bytes;
+
 /** A client for one sidecar address (`unix:/path.sock` or `host:port`). */
 export class SidecarClient {
-  private readonly exam: ExamServiceClient;
+  private readonly channel: Client;
   private readonly health: HealthClient;
 
   constructor(
     readonly address: string,
     options: ChannelOptions = {},
   ) {
-    this.exam = new ExamServiceClient(address, credentials.createInsecure(), options);
+    this.channel = new Client(address, credentials.createInsecure(), options);
     this.health = new HealthClientConstructor(address, credentials.createInsecure(), {
-      channelOverride: this.exam.getChannel(),
+      channelOverride: this.channel.getChannel(),
     });
   }
 
   /**
-   * Calls TakeExam; a failed call rejects with the sidecar's ServiceError, trailers included.
-   * Aborting `signal` cancels the call and rejects with the signal's reason.
+   * Calls a unary method (`/package.Service/Method`) with a serialized request; resolves with the
+   * serialized response. A failed call rejects with the sidecar's ServiceError, trailers included;
+   * aborting `signal` cancels the call and rejects with the signal's reason.
    */
-  takeExam(
-    request: TakeExamRequest,
-    metadata: Metadata,
-    options: Partial<CallOptions>,
-    signal?: AbortSignal,
-  ): Promise<TakeExamResponse> {
-    return unary((done) => this.exam.takeExam(request, metadata, options, done), signal);
+  unary(path: string, request: Buffer, metadata: Metadata, options: Partial<CallOptions>, signal?: AbortSignal): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      if (signal?.aborted) return reject(signal.reason as Error);
+      const onAbort = (): void => {
+        reject(signal?.reason as Error);
+        call.cancel();
+      };
+      const call: ClientUnaryCall = this.channel.makeUnaryRequest(path, identity, identity, request, metadata, options, (error, response) => {
+        signal?.removeEventListener('abort', onAbort);
+        if (error) reject(error);
+        else resolve(response as Buffer);
+      });
+      signal?.addEventListener('abort', onAbort, { once: true });
+    });
   }
 
-  /** Calls StreamExam; the caller reads, and cancels, the stream. */
-  streamExam(request: TakeExamRequest, metadata: Metadata, options: Partial<CallOptions>): ClientReadableStream<ExamChunk> {
-    return this.exam.streamExam(request, metadata, options);
-  }
-
-  /** Calls LoadAdapter, as `takeExam` calls TakeExam. */
-  loadAdapter(
-    request: LoadAdapterRequest,
-    metadata: Metadata,
-    options: Partial<CallOptions>,
-    signal?: AbortSignal,
-  ): Promise<LoadAdapterResponse> {
-    return unary((done) => this.exam.loadAdapter(request, metadata, options, done), signal);
-  }
-
-  /** Calls UnloadAdapter, as `takeExam` calls TakeExam. */
-  unloadAdapter(
-    request: UnloadAdapterRequest,
-    metadata: Metadata,
-    options: Partial<CallOptions>,
-    signal?: AbortSignal,
-  ): Promise<UnloadAdapterResponse> {
-    return unary((done) => this.exam.unloadAdapter(request, metadata, options, done), signal);
-  }
-
-  /** Calls ListAdapters, as `takeExam` calls TakeExam. */
-  listAdapters(
-    request: ListAdaptersRequest,
-    metadata: Metadata,
-    options: Partial<CallOptions>,
-    signal?: AbortSignal,
-  ): Promise<ListAdaptersResponse> {
-    return unary((done) => this.exam.listAdapters(request, metadata, options, done), signal);
-  }
-
-  /** Calls CompareAdapters, as `takeExam` calls TakeExam. */
-  compareAdapters(
-    request: CompareAdaptersRequest,
-    metadata: Metadata,
-    options: Partial<CallOptions>,
-    signal?: AbortSignal,
-  ): Promise<CompareAdaptersResponse> {
-    return unary((done) => this.exam.compareAdapters(request, metadata, options, done), signal);
+  /** Calls a server-streaming method with a serialized request; the caller reads, and cancels, the stream. */
+  serverStream(path: string, request: Buffer, metadata: Metadata, options: Partial<CallOptions>): ClientReadableStream<Buffer> {
+    return this.channel.makeServerStreamRequest(path, identity, identity, request, metadata, options);
   }
 
   /** Asks the sidecar how the exam service is doing; rejects when it cannot be reached in time. */
@@ -179,29 +136,6 @@ export class SidecarClient {
 
   close(): void {
     this.health.close();
-    this.exam.close();
+    this.channel.close();
   }
-}
-
-/**
- * Runs one unary call as a promise: a failed call rejects with its ServiceError; aborting
- * `signal` cancels the call and rejects with the signal's reason.
- */
-function unary<T>(
-  start: (done: (error: ServiceError | null, response: T) => void) => ClientUnaryCall,
-  signal?: AbortSignal,
-): Promise<T> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason as Error);
-    const onAbort = (): void => {
-      reject(signal?.reason as Error);
-      call.cancel();
-    };
-    const call = start((error, response) => {
-      signal?.removeEventListener('abort', onAbort);
-      if (error) reject(error);
-      else resolve(response);
-    });
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
 }

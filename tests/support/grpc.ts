@@ -47,30 +47,52 @@ export function takeExam(
   });
 }
 
+export interface RawResult {
+  /** The response messages, as bytes: one for a unary method, each chunk for a stream. */
+  messages: Buffer[];
+  error?: ServiceError;
+  details?: ErrorDetails;
+  headers?: Metadata;
+}
+
+export interface RawCallOptions extends Partial<CallOptions> {
+  metadata?: Metadata;
+  /** A server-streaming method: read every message until the status. */
+  responseStream?: boolean;
+}
+
+const asBytes = (raw: Buffer): Buffer => raw;
+
 /**
- * Sends raw bytes as the request of any method, as a misbehaving client would; the reply is
- * taken as raw bytes too.
+ * Sends raw bytes as the request of any method, as a misbehaving client would (or one that must
+ * not re-encode, for a uint64 beyond 2^53); the reply is taken as raw bytes too.
  */
-export function rawCall(
-  address: string,
-  method: string,
-  bytes: Buffer,
-  options: Partial<CallOptions> = {},
-): Promise<CallResult> {
+export function rawCall(address: string, method: string, bytes: Buffer | Uint8Array, options: RawCallOptions = {}): Promise<RawResult> {
+  const { metadata = new Metadata(), responseStream = false, ...callOptions } = options;
   const client = new Client(address, credentials.createInsecure());
+  const result: RawResult = { messages: [] };
+  const finish = (resolve: (r: RawResult) => void, error: ServiceError | null): void => {
+    client.close();
+    if (error) Object.assign(result, { error, details: parseErrorDetails(error.metadata) });
+    resolve(result);
+  };
   return new Promise((resolve) => {
-    client.makeUnaryRequest<Buffer, Buffer>(
-      method,
-      (raw) => raw,
-      (raw) => raw,
-      bytes,
-      new Metadata(),
-      options,
-      (error) => {
-        client.close();
-        resolve(error ? { error, details: parseErrorDetails(error.metadata) } : {});
-      },
-    );
+    const body = Buffer.from(bytes);
+    if (responseStream) {
+      const stream = client.makeServerStreamRequest(method, asBytes, asBytes, body, metadata, callOptions);
+      stream.on('metadata', (headers: Metadata) => (result.headers = headers));
+      stream.on('data', (message: Buffer) => result.messages.push(message));
+      stream.on('error', (error: ServiceError) => finish(resolve, error));
+      stream.on('status', (status: { code: number }) => {
+        if (status.code === 0) finish(resolve, null);
+      });
+      return;
+    }
+    const call = client.makeUnaryRequest(method, asBytes, asBytes, body, metadata, callOptions, (error, response) => {
+      if (response) result.messages.push(response);
+      finish(resolve, error);
+    });
+    call.on('metadata', (headers: Metadata) => (result.headers = headers));
   });
 }
 

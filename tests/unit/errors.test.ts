@@ -1,6 +1,7 @@
 import { Metadata, status } from '@grpc/grpc-js';
 import { exitCodeForStatus } from '../../src/cli/exit-codes';
-import { DETAILS_KEY, ERROR_DOMAIN, parseErrorDetails, statusError } from '../../src/gateway/errors';
+import { parseErrorDetails, statusError } from '../../src/gateway/errors';
+import { DETAILS_KEY, ERROR_DOMAIN } from '../../src/wire';
 import { Status } from '../../src/gen/google/rpc/status';
 
 describe('status details', () => {
