@@ -50,7 +50,10 @@ $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 	$(PY) -m grpc_tools.protoc --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
 		--ts_proto_out=$(TS_GEN) \
 		--ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,forceLong=number,env=node \
-		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto
+		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto && \
+	$(PY) -m grpc_tools.protoc -I proto -I $$site --include_imports \
+		--descriptor_set_out=$(TS_GEN)/descriptors.binpb $(PROTO) \
+		google/rpc/status.proto google/rpc/error_details.proto
 	touch $@
 
 gen: $(STAMPS)/gen
