@@ -222,7 +222,16 @@ const CASES: BadInputCase[] = [
   compare('blank prompt', (fx) => ({ prompts: [PROMPT, ' '], adapters: [fx.models.adapter] }), invalidField('prompts')),
   compare('9 prompts', (fx) => ({ prompts: Array.from({ length: 9 }, () => PROMPT), adapters: [fx.models.adapter] }), invalidField('prompts')),
   compare('9 adapters', (fx) => ({ prompts: [PROMPT], adapters: Array.from({ length: 9 }, (_, i) => `${fx.models.adapter}${'/.'.repeat(i)}`) }), invalidField('adapters')),
-  compare('duplicate adapters', (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, fx.models.adapter] }), invalidField('adapters')),
+  compare(
+    'duplicate adapters',
+    (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, fx.models.adapter] }),
+    { code: 'INVALID_ARGUMENT', reason: 'DUPLICATE_ADAPTER', field: 'adapters' },
+  ),
+  compare(
+    'two spellings of one adapter folder',
+    (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, `${fx.models.adapter}/./`] }),
+    { code: 'INVALID_ARGUMENT', reason: 'DUPLICATE_ADAPTER', field: 'adapters' },
+  ),
   compare('adapter outside security.adapterRoots', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.outsideRoots] }), outsideRoots('adapters')),
   compare('missing adapter', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.missing] }), { code: 'NOT_FOUND', reason: 'ADAPTER_NOT_FOUND', field: 'adapters' }),
   compare(
