@@ -67,7 +67,9 @@ function listenOptions(address: string): { path: string } | { host: string; port
   if (address.startsWith('unix:')) return { path: address.slice('unix:'.length) };
   const colon = address.lastIndexOf(':');
   const host = address.slice(0, colon).replace(/^\[|\]$/g, '');
-  return { host, port: Number(address.slice(colon + 1)) };
+  // One socket binds one address, and Node may resolve localhost to ::1 first, where clients of
+  // the usual 127.0.0.1 would miss it: localhost means IPv4 loopback here.
+  return { host: host.toLowerCase() === 'localhost' ? '127.0.0.1' : host, port: Number(address.slice(colon + 1)) };
 }
 
 function boundPort(listener: NetServer): number {
