@@ -122,7 +122,11 @@ describe('process hygiene', () => {
     daemon = { child, exited, ready: Promise.resolve(''), lines: [], stderr: () => '', stdout: () => '' };
     const address = `127.0.0.1:${port}`;
     await waitFor(
-      async () => child.exitCode === null && (await healthStatus(address, '').catch(() => '')) === 'SERVING',
+      async () => {
+        // A crash on the first failed log write is what this test is about: report it at once.
+        if (child.exitCode !== null) throw new Error(`golem serve exited with ${child.exitCode}`);
+        return (await healthStatus(address, '').catch(() => '')) === 'SERVING';
+      },
       90000,
       'health SERVING',
     );
