@@ -38,6 +38,11 @@ export const configSchema = z.strictObject({
     // The wait before a restart doubles with each crash in a row, from this up to the max.
     restartBackoffMs: positiveInt.default(500),
     restartBackoffMaxMs: positiveInt.default(10000),
+    // A serving sidecar is asked for its health this often, each answer due within the timeout;
+    // after healthFailures misses in a row it counts as wedged and is killed and restarted.
+    healthIntervalMs: positiveInt.default(2000),
+    healthTimeoutMs: positiveInt.default(2000),
+    healthFailures: positiveInt.default(3),
   }),
   defaults: z.strictObject({
     modelName: nonBlank,
@@ -62,6 +67,10 @@ export const configSchema = z.strictObject({
     batchWaitMs: nonNegativeInt.default(5),
     maxQueue: positiveInt.default(256),
     maxAdapters: positiveInt.default(8),
+    // Base models resident per sidecar; beyond it the least recently used is evicted.
+    maxModels: positiveInt.default(2),
+    // A connection to the gateway's port that has not sent the HTTP/2 preface by then is closed.
+    handshakeTimeoutMs: positiveInt.default(10000),
   }),
   security: z
     .strictObject({
@@ -74,6 +83,8 @@ export const configSchema = z.strictObject({
       tlsKeyFile: z.string().default(''),
       adapterRoots: roots,
       modelRoots: roots,
+      // Off: the sidecar runs with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE set, local files only.
+      allowHubDownloads: z.boolean().default(false),
     })
     .superRefine((security, ctx) => {
       // One without the other is a half-configured TLS: refuse it rather than serve plaintext.

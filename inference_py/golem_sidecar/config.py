@@ -82,6 +82,9 @@ class Security:
     adapter_roots: tuple[Path, ...] = ()
     # The same for local model paths; hub ids are not paths and are unaffected.
     model_roots: tuple[Path, ...] = ()
+    # Off: HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE are set before the libraries are imported, so
+    # only files already on disk (or in the hub cache) are ever loaded.
+    allow_hub_downloads: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         allow_pickle=_get(sec, "allowPickle", "security", bool, False),
         adapter_roots=_roots(sec, "adapterRoots"),
         model_roots=_roots(sec, "modelRoots"),
+        allow_hub_downloads=_get(sec, "allowHubDownloads", "security", bool, False),
     )
     side = _section(raw, "sidecar")
     return SidecarConfig(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import io
 import json
 import logging
 import os
 import sys
 import time
 import warnings
+from typing import TextIO, cast
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -33,6 +36,38 @@ class JsonLines(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+class _UnfailingStream(io.TextIOBase):
+    """A text stream that drops what it cannot write (disk full, reader gone) instead of raising:
+    a log line lost is better than a request, or the process, failing for it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
+def keep_stderr_from_failing() -> None:
+    """Makes every write to stderr, logging's included, survive a failed write."""
+    # Without this, logging reports a failed write by writing a traceback to the same stderr.
+    logging.raiseExceptions = False
+    if not isinstance(sys.stderr, _UnfailingStream):
+        sys.stderr = cast(TextIO, _UnfailingStream(sys.stderr))
 
 
 def configure_logging(level: str) -> None:

@@ -23,6 +23,7 @@ import { identity } from '../sidecar/client';
 import { AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
 import { ExitCode, exitCodeForStatus } from './exit-codes';
 import { parseExamInput } from './input';
+import { cancelOnSignal } from './one-shot';
 import { isListening } from './probe';
 
 export const DEFAULT_ADDRESS = '127.0.0.1:50051';
@@ -48,7 +49,7 @@ export interface ExamOutcome {
 
 /** Runs the exam command, prints its outcome and returns the exit code. */
 export async function runExam(options: ExamOptions): Promise<ExitCode> {
-  const outcome = await takeExam(options);
+  const outcome = await cancelOnSignal(() => takeExam(options));
   process.stdout.write(`${JSON.stringify(outcome)}\n`);
   if (outcome.status === 'failure') process.stderr.write(`golem: error: ${outcome.message}\n`);
   return outcome.exitCode;

@@ -23,7 +23,8 @@ export async function runServe(configFile: string | undefined): Promise<number> 
       finish(ExitCode.SUCCESS);
       return;
     }
-    // A second signal means "now": exit, and the exit handler SIGKILLs the sidecar.
+    // A second signal means "now": exit; the exit handler SIGKILLs the sidecar and removes its
+    // socket folder (sidecar/process.ts).
     logger.warn('second signal: stopping without waiting', { signal });
     process.exit(ExitCode.FAILURE);
   };
@@ -35,7 +36,8 @@ export async function runServe(configFile: string | undefined): Promise<number> 
   };
   const gateway = await Promise.race([
     startGateway(config, { logger, onSidecarFailed }),
-    // A signal while the model loads: exit now; the sidecar is killed as this process exits.
+    // A signal while the model loads: exit now; the sidecar is killed, and its socket folder
+    // removed, as this process exits.
     finished.then(() => undefined),
   ]);
   if (!gateway) return ExitCode.SUCCESS;

@@ -3,13 +3,14 @@
  * sidecar. It starts (and supervises) the sidecar unless told of one already running, mirrors its
  * health, and drains calls in flight on shutdown.
  */
-import { Server, type ServerCredentials } from '@grpc/grpc-js';
+import { Server } from '@grpc/grpc-js';
 import type { GolemConfig } from '../config';
 import { createLogger, type Logger } from '../log';
 import { messageSizeOptions } from '../sidecar/client';
 import { describeExit } from '../sidecar/process';
 import { SidecarSupervisor } from '../sidecar/supervisor';
 import { bearerAuthorizer } from './auth';
+import { listenWithHandshakeTimeout } from './connections';
 import { serverCredentials } from './credentials';
 import { forwardingHandlers, rawExamService } from './forward';
 import { createHealth } from './health';
@@ -73,7 +74,8 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   );
   health.addToServer(server);
   createReflection().addToServer(server);
-  const port = await bind(server, listen, credentials);
+  const listener = await listenWithHandshakeTimeout(server, listen, credentials, config.limits.handshakeTimeoutMs);
+  const port = listener.port;
   const address = `${listen.slice(0, listen.lastIndexOf(':'))}:${port}`;
   logSecurity(logger, config, listen, Boolean(token));
   logger.info('gateway listening', { address });
@@ -98,6 +100,7 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
       });
     }
   } catch (err) {
+    listener.close();
     server.forceShutdown();
     throw err;
   }
@@ -114,21 +117,13 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
       logger.info('gateway shutting down', { calls_in_flight: inFlight.size, grace_ms: config.limits.shutdownGraceMs });
       shutdown.close();
       link.refuse(unavailable('the daemon is shutting down', SHUTTING_DOWN), true);
+      listener.close();
       await drain(server, inFlight, config.limits.shutdownGraceMs, logger);
       link.close();
       await supervisor?.stop();
       logger.info('gateway stopped', { address });
     },
   };
-}
-
-function bind(server: Server, listen: string, credentials: ServerCredentials): Promise<number> {
-  return new Promise((resolve, reject) => {
-    server.bindAsync(listen, credentials, (err, port) => {
-      if (err) reject(new Error(`cannot listen on ${listen}: ${err.message}`));
-      else resolve(port);
-    });
-  });
 }
 
 /**

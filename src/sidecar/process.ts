@@ -1,9 +1,11 @@
 /**
  * One Python sidecar process: spawned on a Unix socket, watched until its health says SERVING,
  * stopped with SIGTERM and then SIGKILL. Restarting is the supervisor's job, not this one's.
+ * It never outlives this process: it holds a pipe to the sidecar's stdin, and the sidecar exits
+ * when that pipe closes, as it does however this process ends, SIGKILL included.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { PACKAGE_ROOT, type GolemConfig } from '../config';
 import type { Logger } from '../log';
@@ -27,6 +29,9 @@ export interface SpawnOptions {
   config: GolemConfig;
   /** `unix:/path/sidecar.sock`; the socket file is the caller's to clean up. */
   address: string;
+  /** The private folder holding the socket: the sidecar removes it as it exits, and so does this
+   * process should it exit first. */
+  socketDir?: string;
   logger: Logger;
 }
 
@@ -35,13 +40,17 @@ export class SidecarProcess {
   private spawnError: Error | undefined;
   private exitInfo: ExitInfo | undefined;
   private readonly exited: Promise<ExitInfo>;
+  // 'exit' handlers run synchronously: no waiting for a polite stop, so kill, and remove the
+  // socket folder that a SIGKILLed sidecar cannot.
   private readonly killOnExit = (): void => {
     this.child.kill('SIGKILL');
+    if (this.socketDir) rmSync(this.socketDir, { recursive: true, force: true });
   };
 
   private constructor(
     private readonly child: ChildProcess,
     readonly address: string,
+    private readonly socketDir: string | undefined,
     private readonly logger: Logger,
   ) {
     this.exited = new Promise((resolve) => {
@@ -63,17 +72,23 @@ export class SidecarProcess {
   }
 
   /** Spawns a sidecar; it is not serving yet (see `waitUntilServing`). */
-  static spawn({ config, address, logger }: SpawnOptions): SidecarProcess {
+  static spawn({ config, address, socketDir, logger }: SpawnOptions): SidecarProcess {
     const python = resolvePython(config.sidecar.python);
     const args = ['-m', 'golem_sidecar', '--listen', address, '--config-json', JSON.stringify(config)];
-    logger.info('starting sidecar', { python, address });
-    const env: NodeJS.ProcessEnv = { ...process.env, PYTHONUNBUFFERED: '1' };
-    // The sidecar has no use for the gateway's bearer token: keep it out of its environment.
-    delete env[config.security.authTokenEnv];
-    const child = spawn(python, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
-    const sidecar = new SidecarProcess(child, address, logger);
+    args.push('--exit-with-stdin', ...(socketDir ? ['--cleanup-dir', socketDir] : []));
+    logger.info('starting sidecar', { python, address, hub_downloads: config.security.allowHubDownloads });
+    // stdin is a pipe that is never written to: its end of file is what the sidecar waits for.
+    const child = spawn(python, args, { stdio: ['pipe', 'pipe', 'pipe'], env: sidecarEnvironment(config) });
+    // Closing it, or it closing under a dead sidecar (EPIPE), is expected, never an error to throw.
+    child.stdin?.on('error', () => undefined);
+    const sidecar = new SidecarProcess(child, address, socketDir, logger);
     sidecar.forwardOutput();
     return sidecar;
+  }
+
+  /** Sends `signal` now, without waiting (see `stop` for the polite way). */
+  kill(signal: NodeJS.Signals): void {
+    if (!this.exitInfo) this.child.kill(signal);
   }
 
   get pid(): number | undefined {
@@ -138,6 +153,20 @@ export class SidecarProcess {
     }
     return new SidecarStartError(`sidecar exited (${describeExit(this.exitInfo)}) before it was ready: ${this.lastOutput()}`);
   }
+}
+
+/**
+ * The sidecar's environment: ours, without the bearer token it has no use for, and offline
+ * (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) unless `security.allowHubDownloads` says otherwise.
+ */
+export function sidecarEnvironment(config: GolemConfig, env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  const result: NodeJS.ProcessEnv = { ...env, PYTHONUNBUFFERED: '1' };
+  delete result[config.security.authTokenEnv];
+  if (!config.security.allowHubDownloads) {
+    result.HF_HUB_OFFLINE = '1';
+    result.TRANSFORMERS_OFFLINE = '1';
+  }
+  return result;
 }
 
 /** `signal SIGKILL` or `code 1`, for logs and messages. */

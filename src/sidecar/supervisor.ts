@@ -1,13 +1,15 @@
 /**
- * Keeps the gateway's own sidecar alive: starts it, notices when it dies (crash, SIGKILL, OOM),
- * restarts it with exponential backoff, and gives up after `sidecar.maxRestarts` failed starts in
- * a row, saying why. Every incarnation listens on the same Unix socket in a private temp dir.
+ * Keeps the gateway's own sidecar alive: starts it, notices when it dies (crash, SIGKILL, OOM) or
+ * stops answering its health checks (then kills it), restarts it with exponential backoff, and
+ * gives up after `sidecar.maxRestarts` failed starts in a row, saying why. Every incarnation
+ * listens on the same Unix socket in a private temp dir.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { GolemConfig } from '../config';
 import type { Logger } from '../log';
+import { watchLiveness } from './liveness';
 import { describeExit, SidecarProcess, SidecarStartError, type ExitInfo } from './process';
 
 export { resolvePython, SidecarStartError, type ExitInfo } from './process';
@@ -35,6 +37,9 @@ export class SidecarSupervisor {
   private crashesInARow = 0;
   private servingSince = Date.now();
   private wakeFromBackoff: (() => void) | undefined;
+  private stopLiveness: () => void = () => undefined;
+  // Why the supervisor itself killed the current sidecar, for the log line its exit brings.
+  private killedBecause: string | undefined;
 
   private constructor(
     first: SidecarProcess,
@@ -56,7 +61,7 @@ export class SidecarSupervisor {
   static async start(config: GolemConfig, logger: Logger, events: SupervisorEvents): Promise<SidecarSupervisor> {
     const socketDir = mkdtempSync(path.join(os.tmpdir(), 'golem-'));
     const address = `unix:${path.join(socketDir, 'sidecar.sock')}`;
-    const first = SidecarProcess.spawn({ config, address, logger });
+    const first = SidecarProcess.spawn({ config, address, socketDir, logger });
     try {
       await first.waitUntilServing(config.sidecar.startTimeoutMs);
     } catch (err) {
@@ -91,20 +96,40 @@ export class SidecarSupervisor {
   async stop(graceMs = SIDECAR_STOP_GRACE_MS): Promise<void> {
     this.stateNow = 'stopped';
     this.wakeFromBackoff?.();
+    this.stopLiveness();
     await this.current.stop(graceMs);
     rmSync(this.socketDir, { recursive: true, force: true });
   }
 
   private watch(sidecar: SidecarProcess): void {
+    this.killedBecause = undefined;
+    const { healthIntervalMs, healthTimeoutMs, healthFailures } = this.config.sidecar;
+    const settings = { intervalMs: healthIntervalMs, timeoutMs: healthTimeoutMs, failures: healthFailures };
+    this.stopLiveness = watchLiveness(this.address, settings, (reason) => this.killWedged(sidecar, reason));
     void sidecar.whenExited().then((info) => {
       if (this.stateNow !== 'serving' || sidecar !== this.current) return;
-      this.logger.error('sidecar died', { how: describeExit(info), pid: sidecar.pid, last_output: sidecar.lastOutput() });
+      this.stopLiveness();
+      this.logger.error('sidecar died', {
+        how: describeExit(info),
+        pid: sidecar.pid,
+        ...(this.killedBecause ? { killed_because: this.killedBecause } : {}),
+        last_output: sidecar.lastOutput(),
+      });
       this.stateNow = 'restarting';
       // A sidecar that stayed up longer than the longest backoff was not crash-looping.
       if (Date.now() - this.servingSince > this.config.sidecar.restartBackoffMaxMs) this.crashesInARow = 0;
       this.events.onDown(info);
       void this.restart();
     });
+  }
+
+  // Alive but not answering: calls sent to it would only wait for their deadlines. Killing it
+  // hands over to the usual path for a dead sidecar: health NOT_SERVING, calls ended, restart.
+  private killWedged(sidecar: SidecarProcess, reason: string): void {
+    if (this.stateNow !== 'serving' || sidecar !== this.current) return;
+    this.killedBecause = `unresponsive: ${reason}`;
+    this.logger.error('sidecar unresponsive: killing it', { pid: sidecar.pid, reason });
+    sidecar.kill('SIGKILL');
   }
 
   private async restart(): Promise<void> {
@@ -116,9 +141,16 @@ export class SidecarSupervisor {
       this.logger.warn('restarting sidecar', { attempt, max_restarts: maxRestarts, in_ms: delayMs });
       await this.backoff(delayMs);
       if (this.stopped) return;
-      // A SIGKILLed sidecar leaves its socket file behind; the new one binds the same path.
+      // A SIGKILLed sidecar leaves its socket file behind; the new one binds the same path. One
+      // that exited on its own took the whole folder with it (--cleanup-dir): make it again.
       rmSync(this.address.slice('unix:'.length), { force: true });
-      this.current = SidecarProcess.spawn({ config: this.config, address: this.address, logger: this.logger });
+      mkdirSync(this.socketDir, { recursive: true, mode: 0o700 });
+      this.current = SidecarProcess.spawn({
+        config: this.config,
+        address: this.address,
+        socketDir: this.socketDir,
+        logger: this.logger,
+      });
       try {
         await this.current.waitUntilServing(startTimeoutMs);
       } catch (err) {

@@ -33,8 +33,17 @@ describe('loadConfig', () => {
       batchWaitMs: 5,
       maxQueue: 256,
       maxAdapters: 8,
+      maxModels: 2,
+      handshakeTimeoutMs: 10000,
     });
-    expect(config.sidecar).toMatchObject({ maxRestarts: 5, restartBackoffMs: 500, restartBackoffMaxMs: 10000 });
+    expect(config.sidecar).toMatchObject({
+      maxRestarts: 5,
+      restartBackoffMs: 500,
+      restartBackoffMaxMs: 10000,
+      healthIntervalMs: 2000,
+      healthTimeoutMs: 2000,
+      healthFailures: 3,
+    });
     expect(config.security).toEqual({
       trustRemoteCode: false,
       allowPickle: false,
@@ -43,15 +52,18 @@ describe('loadConfig', () => {
       tlsKeyFile: '',
       adapterRoots: [],
       modelRoots: [],
+      allowHubDownloads: false,
     });
     expect(config.defaults.quantization).toBe('auto');
   });
 
   it('fills keys added later with their defaults, so older config files still load', () => {
     const file = writeConfig('old.json', (raw) => {
-      for (const key of ['maxRestarts', 'restartBackoffMs', 'restartBackoffMaxMs']) delete raw.sidecar[key];
-      for (const key of ['shutdownGraceMs', 'maxMessageBytes', 'maxInputBytes']) delete raw.limits[key];
-      for (const key of ['authTokenEnv', 'tlsCertFile', 'tlsKeyFile', 'adapterRoots', 'modelRoots']) {
+      for (const key of ['maxRestarts', 'restartBackoffMs', 'restartBackoffMaxMs', 'healthIntervalMs', 'healthTimeoutMs', 'healthFailures']) {
+        delete raw.sidecar[key];
+      }
+      for (const key of ['shutdownGraceMs', 'maxMessageBytes', 'maxInputBytes', 'maxModels', 'handshakeTimeoutMs']) delete raw.limits[key];
+      for (const key of ['authTokenEnv', 'tlsCertFile', 'tlsKeyFile', 'adapterRoots', 'modelRoots', 'allowHubDownloads']) {
         delete raw.security[key];
       }
     });
@@ -74,6 +86,17 @@ describe('loadConfig', () => {
       raw.security.adapterRoots = ['models', 7];
     });
     expect(() => loadConfig({ file, env: {} })).toThrow(/sidecar\.maxRestarts: .*security\.adapterRoots\.1: /);
+  });
+
+  it('refuses a non-positive maxModels, zero health failures and a non-boolean allowHubDownloads, naming each key', () => {
+    const file = writeConfig('bad-new-keys.json', (raw) => {
+      raw.limits.maxModels = 0;
+      raw.sidecar.healthFailures = 0;
+      raw.security.allowHubDownloads = 'yes';
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(
+      /sidecar\.healthFailures: .*limits\.maxModels: .*security\.allowHubDownloads: /,
+    );
   });
 
   it('reads the seed profile with its 4-bit quantization object', () => {
