@@ -69,6 +69,8 @@ export const configSchema = z.strictObject({
     maxAdapters: positiveInt.default(8),
     // Base models resident per sidecar; beyond it the least recently used is evicted.
     maxModels: positiveInt.default(2),
+    // Padded tokens one forward pass holds; larger batches, comparisons and scoring are split.
+    maxBatchTokens: positiveInt.min(256).default(65536),
     // A connection to the gateway's port that has not sent the HTTP/2 preface by then is closed.
     handshakeTimeoutMs: positiveInt.default(10000),
   }),
