@@ -8,8 +8,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-# The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a CUDA build.
-TORCH_VERSION ?= 2.13.0
+# Every Python package, pinned with hashes; torch is the CPU build that lies on this machine's disk
+# (pip's find-links), since an unpinned torch pulls a CUDA build. `make lock` rewrites it.
+PY_LOCK := inference_py/requirements.lock
+PIP_TOOLS_VERSION := 7.6.2
 PROTO := proto/golem/exam/v1/exam.proto
 PY_GEN := inference_py/golem_sidecar/gen
 TS_GEN := src/gen
@@ -19,7 +21,7 @@ DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run test lint test-py test-js bench clean
+.PHONY: help setup gen build models run test lint lock test-py test-js bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
@@ -29,12 +31,21 @@ help:
 $(STAMPS):
 	mkdir -p $(STAMPS)
 
-$(STAMPS)/venv: inference_py/pyproject.toml | $(STAMPS)
+# The lock holds setuptools too, so the package builds without an unhashed download (no isolation).
+$(STAMPS)/venv: inference_py/pyproject.toml $(PY_LOCK) | $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e 'inference_py[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(PY_LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e inference_py
 	touch $@
+
+# Re-resolves the lock from pyproject.toml (runtime deps + [dev]), keeping its current pins where
+# they still fit; pip-tools runs from a throwaway venv so the project's venv stays as locked.
+lock:
+	rm -rf $(STAMPS)/lock-venv && $(PYTHON) -m venv $(STAMPS)/lock-venv
+	$(STAMPS)/lock-venv/bin/pip install -q pip-tools==$(PIP_TOOLS_VERSION)
+	cd inference_py && ../$(STAMPS)/lock-venv/bin/pip-compile -q --generate-hashes --allow-unsafe \
+		--extra dev --strip-extras --no-emit-find-links --no-emit-index-url \
+		-o requirements.lock pyproject.toml
 
 $(STAMPS)/node: package.json package-lock.json | $(STAMPS)
 	npm ci --no-audit --no-fund
