@@ -15,6 +15,10 @@ PIP_TOOLS_VERSION := 7.6.2
 PROTO := proto/golem/exam/v1/exam.proto
 PY_GEN := inference_py/golem_sidecar/gen
 TS_GEN := src/gen
+# The last release of the contract, which `buf breaking` compares against (a commit, so it works
+# in any clone with history).
+BUF_BASELINE := af86b04c9aec5cf7652ae648d6417e7b8f63f0fe
+BUF := node_modules/.bin/buf
 DEFAULT_GGUF := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 
@@ -51,7 +55,9 @@ $(STAMPS)/node: package.json package-lock.json | $(STAMPS)
 	npm ci --no-audit --no-fund
 	touch $@
 
-# One protoc (the one inside grpcio-tools) generates both languages from the one contract.
+# One protoc (the one inside grpcio-tools) generates both languages from the one contract. The same
+# run writes descriptors.binpb (the contract and the google.rpc error details, imports and comments
+# included), which the gateway's reflection serves so grpcurl decodes error details.
 $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 	rm -rf $(TS_GEN) $(PY_GEN)/golem
 	mkdir -p $(TS_GEN)
@@ -61,6 +67,7 @@ $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 	$(PY) -m grpc_tools.protoc --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
 		--ts_proto_out=$(TS_GEN) \
 		--ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,forceLong=number,env=node \
+		--descriptor_set_out=$(TS_GEN)/descriptors.binpb --include_imports --include_source_info \
 		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto
 	touch $@
 
@@ -86,6 +93,8 @@ run: setup models
 	node bin/golem.js serve --config config/golem.json
 
 lint: setup
+	$(BUF) lint
+	$(BUF) breaking --against '.git#ref=$(BUF_BASELINE),subdir=proto'
 	$(VENV)/bin/ruff check inference_py scripts
 	$(VENV)/bin/ruff format --check inference_py scripts
 	cd inference_py && ../$(VENV)/bin/mypy
