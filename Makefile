@@ -115,6 +115,7 @@ lint: setup
 	cd inference_py && ../$(VENV)/bin/mypy
 	npm run --silent typecheck
 	npm run --silent lint
+	npm run --silent format:check
 
 test-py: setup models
 	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q

@@ -120,5 +120,9 @@ function withExtensionLists(
 function emptyExtensionList(response: ReflectionResponse, messages: Set<string>): ReflectionResponse {
   const type = response.originalRequest?.allExtensionNumbersOfType;
   if (!response.errorResponse || type === undefined || !messages.has(type)) return response;
-  return { ...response, errorResponse: undefined, allExtensionNumbersResponse: { baseTypeName: type, extensionNumber: [] } };
+  return {
+    ...response,
+    errorResponse: undefined,
+    allExtensionNumbersResponse: { baseTypeName: type, extensionNumber: [] },
+  };
 }
