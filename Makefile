@@ -109,6 +109,8 @@ run: setup models
 
 lint: setup
 	$(BUF) lint
+	@git cat-file -e '$(BUF_BASELINE)^{commit}' || { echo 'buf breaking needs the baseline commit' \
+		'$(BUF_BASELINE) in this clone (a shallow clone lacks it: git fetch --unshallow)'; exit 1; }
 	$(BUF) breaking --against '.git#ref=$(BUF_BASELINE),subdir=proto'
 	$(VENV)/bin/ruff check inference_py scripts
 	$(VENV)/bin/ruff format --check inference_py scripts
