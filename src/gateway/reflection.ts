@@ -4,7 +4,7 @@
  * The exam contract and the google.rpc files come from the descriptor set the gen step builds with
  * their imports; health and reflection come from their packages' own proto files.
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fromBinary, toBinary } from '@bufbuild/protobuf';
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from '@bufbuild/protobuf/wkt';
@@ -61,8 +61,8 @@ export function createReflection(): GatewayReflection {
   return {
     addToServer: (server) =>
       service.addToServer({
-        addService: (definition: ServiceDefinition, implementation: UntypedServiceImplementation) =>
-          server.addService(definition, withExtensionLists(implementation, messages)),
+        addService: (reflection: ServiceDefinition, implementation: UntypedServiceImplementation) =>
+          server.addService(reflection, withExtensionLists(implementation, messages)),
       }),
   };
 }
@@ -73,6 +73,7 @@ export function createReflection(): GatewayReflection {
  * google.rpc.Status to google.protobuf.Any; reflection serves the first copy of each file it sees.
  */
 function contractDefinition(): PackageDefinition {
+  if (!existsSync(DESCRIPTOR_SET_PATH)) throw new Error(`${DESCRIPTOR_SET_PATH} is missing: run \`make gen\``);
   const bytes = readFileSync(DESCRIPTOR_SET_PATH);
   const files = fromBinary(FileDescriptorSetSchema, bytes).file.map((file) =>
     Buffer.from(toBinary(FileDescriptorProtoSchema, file)),
