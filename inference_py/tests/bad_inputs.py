@@ -1,47 +1,14 @@
-"""Builds the broken, foreign and escaping model and adapter folders that the bad-input tests
-throw at the sidecar, each from the tiny models of tiny_models.py."""
+"""Builds the broken and escaping model folders that the bad-input tests throw at the sidecar, from
+the tiny models of tiny_models.py, and lays the adapters of bad_adapters.py (shared with the
+gateway's suite) inside a confined sidecar's adapter root."""
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
-from tests.tiny_models import build_foreign_adapters
-
-WEIGHTS = "adapter_model.safetensors"
-
-
-def _adapter_copy(tiny: dict[str, str], out: Path) -> Path:
-    return Path(shutil.copytree(tiny["adapter"], out))
-
-
-def _broken_adapters(tiny: dict[str, str], root: Path) -> dict[str, str]:
-    made: dict[str, Path] = {}
-    made["adapter_file"] = root / "adapter.safetensors"
-    made["adapter_file"].write_bytes(b"not a folder")
-
-    made["no_config"] = _adapter_copy(tiny, root / "no_config")
-    (made["no_config"] / "adapter_config.json").unlink()
-    made["config_not_json"] = _adapter_copy(tiny, root / "config_not_json")
-    (made["config_not_json"] / "adapter_config.json").write_text("{not json")
-    made["config_not_peft"] = _adapter_copy(tiny, root / "config_not_peft")
-    (made["config_not_peft"] / "adapter_config.json").write_text(json.dumps({"r": 8}))
-
-    made["no_weights"] = _adapter_copy(tiny, root / "no_weights")
-    (made["no_weights"] / WEIGHTS).unlink()
-    made["truncated"] = _adapter_copy(tiny, root / "truncated")
-    data = (made["truncated"] / WEIGHTS).read_bytes()
-    (made["truncated"] / WEIGHTS).write_bytes(data[: len(data) // 2])
-    made["corrupt"] = _adapter_copy(tiny, root / "corrupt")
-    noise = random.Random(0).randbytes(len(data))
-    (made["corrupt"] / WEIGHTS).write_bytes(noise)
-    made["empty_weights"] = _adapter_copy(tiny, root / "empty_weights")
-    (made["empty_weights"] / WEIGHTS).write_bytes(b"")
-    made["pickle_only"] = _adapter_copy(tiny, root / "pickle_only")
-    (made["pickle_only"] / WEIGHTS).rename(made["pickle_only"] / "adapter_model.bin")
-    return {name: str(path) for name, path in made.items()}
+from tests.bad_adapters import build_bad_adapters
 
 
 def build_remote_code_model(model_dir: str, out: Path) -> tuple[Path, Path]:
@@ -89,37 +56,27 @@ def _broken_models(tiny: dict[str, str], root: Path) -> dict[str, str]:
 
 
 def _confined(tiny: dict[str, str], root: Path) -> dict[str, str]:
-    """Roots for a confined sidecar, a good model and adapter inside them, and ways out."""
+    """Roots for a confined sidecar with a good model and adapter inside them, every bad adapter of
+    bad_adapters.py inside the adapter root too (escapes lead to ``root/outside``), and ways out
+    for models."""
     models, adapters = root / "roots" / "models", root / "roots" / "adapters"
     model = Path(shutil.copytree(tiny["model"], models / "model"))
-    adapter = _adapter_copy(tiny, adapters / "adapter")
-    outside_adapter = _adapter_copy(tiny, root / "outside_adapter")
-    (adapters / "escape").symlink_to(tiny["adapter_b"], target_is_directory=True)
+    bad_adapters = build_bad_adapters(tiny, adapters, root / "outside")
+    adapter = Path(shutil.copytree(tiny["adapter"], adapters / "adapter"))
     (models / "escape").symlink_to(tiny["model"], target_is_directory=True)
-    # A folder inside the roots whose weights file leads out of them.
-    leaky = _adapter_copy(tiny, adapters / "leaky_weights")
-    (leaky / WEIGHTS).unlink()
-    (leaky / WEIGHTS).symlink_to(outside_adapter / WEIGHTS)
     return {
+        **bad_adapters,
         "model_root": str(models),
         "adapter_root": str(adapters),
         "confined_model": str(model),
         "confined_adapter": str(adapter),
-        "adapter_dotdot": f"{adapters}/../../outside_adapter",
-        "adapter_symlink": str(adapters / "escape"),
-        "adapter_leaky_weights": str(leaky),
-        "adapter_outside_missing": str(root / "no" / "such" / "adapter"),
         "model_dotdot": f"{models}/../../../{Path(tiny['model']).parent.name}/model",
         "model_symlink": str(models / "escape"),
     }
 
 
 def build_bad_inputs(tiny: dict[str, str], root: Path) -> dict[str, str]:
-    """Every bad path by name, plus the folders of a confined sidecar (see _confined)."""
+    """Every bad path by name (the adapters' from bad_adapters.py), plus the folders of a confined
+    sidecar (see _confined)."""
     root.mkdir(parents=True, exist_ok=True)
-    return {
-        **_broken_adapters(tiny, root),
-        **build_foreign_adapters(root / "foreign"),
-        **_broken_models(tiny, root),
-        **_confined(tiny, root),
-    }
+    return {**_broken_models(tiny, root), **_confined(tiny, root)}
