@@ -83,7 +83,11 @@ const stream = jsonCase('streamExam', (json) => ['exam', json, '--stream']);
 const compare = jsonCase('compareAdapters', (json) => ['compare', json]);
 
 /** `golem adapters load NAME PATH [--model M]`, and LoadAdapter with the same fields. */
-function load(name: string, input: (fx: Fixtures) => { name: string; adapterPath: string; modelName?: string }, expect: Expected): BadInputCase {
+function load(
+  name: string,
+  input: (fx: Fixtures) => { name: string; adapterPath: string; modelName?: string },
+  expect: Expected,
+): BadInputCase {
   return {
     name: `loadAdapter: ${name}`,
     method: 'loadAdapter',
@@ -98,12 +102,23 @@ function load(name: string, input: (fx: Fixtures) => { name: string; adapterPath
 
 /** `golem adapters unload NAME`, and UnloadAdapter. */
 function unload(name: string, adapter: string, expect: Expected): BadInputCase {
-  return { name: `unloadAdapter: ${name}`, method: 'unloadAdapter', cli: () => ['adapters', 'unload', adapter], grpc: () => ({ json: { name: adapter } }), expect };
+  return {
+    name: `unloadAdapter: ${name}`,
+    method: 'unloadAdapter',
+    cli: () => ['adapters', 'unload', adapter],
+    grpc: () => ({ json: { name: adapter } }),
+    expect,
+  };
 }
 
 /** A case only the CLI can send: it refuses the input before calling anyone. */
 function cliOnly(name: string, argument: string, field: string, reason = 'INVALID_INPUT'): BadInputCase {
-  return { name, method: 'takeExam', cli: () => ['exam', argument], expect: { code: 'INVALID_ARGUMENT', reason, field } };
+  return {
+    name,
+    method: 'takeExam',
+    cli: () => ['exam', argument],
+    expect: { code: 'INVALID_ARGUMENT', reason, field },
+  };
 }
 
 /** Raw bytes to a method, as a client that does not speak the contract would send. */
@@ -153,7 +168,11 @@ const CASES: BadInputCase[] = [
   exam('maxNewTokens negative', () => ({ maxNewTokens: -3 }), invalidField('max_new_tokens')),
   exam('maxNewTokens above the cap', () => ({ maxNewTokens: 513 }), invalidField('max_new_tokens')),
   exam('device "tpu"', () => ({ device: 'tpu' }), invalidField('device')),
-  exam('unknown compute dtype', () => ({ quantization: { bnb4BitComputeDtype: 'int3' } }), invalidField('quantization.bnb_4bit_compute_dtype')),
+  exam(
+    'unknown compute dtype',
+    () => ({ quantization: { bnb4BitComputeDtype: 'int3' } }),
+    invalidField('quantization.bnb_4bit_compute_dtype'),
+  ),
 
   // TakeExam: what the sidecar finds when it looks.
   // The tiny model's context is 2048 tokens; this is about 2200, and still under maxInputBytes.
@@ -162,7 +181,11 @@ const CASES: BadInputCase[] = [
     reason: 'PROMPT_TOO_LONG',
     field: 'prompt',
   }),
-  exam('device "cuda:7"', () => ({ device: 'cuda:7' }), { code: 'FAILED_PRECONDITION', reason: 'DEVICE_UNAVAILABLE', field: 'device' }),
+  exam('device "cuda:7"', () => ({ device: 'cuda:7' }), {
+    code: 'FAILED_PRECONDITION',
+    reason: 'DEVICE_UNAVAILABLE',
+    field: 'device',
+  }),
   exam('4-bit without CUDA and bitsandbytes', () => ({ quantization: { loadIn4Bit: true } }), {
     code: 'FAILED_PRECONDITION',
     reason: 'QUANTIZATION_UNAVAILABLE',
@@ -173,28 +196,84 @@ const CASES: BadInputCase[] = [
     reason: 'MODEL_NOT_FOUND',
     field: 'model_name',
   }),
-  exam('model outside security.modelRoots', (fx) => ({ modelName: path.join(fx.outside, 'model') }), outsideRoots('model_name')),
+  exam(
+    'model outside security.modelRoots',
+    (fx) => ({ modelName: path.join(fx.outside, 'model') }),
+    outsideRoots('model_name'),
+  ),
   adapterCase('adapter path missing', (bad) => bad.missing, 'NOT_FOUND', 'ADAPTER_NOT_FOUND'),
   adapterCase('adapter path a file', (bad) => bad.file, 'INVALID_ARGUMENT', 'ADAPTER_NOT_A_DIRECTORY'),
-  adapterCase('adapter without adapter_config.json', (bad) => bad.noConfig, 'FAILED_PRECONDITION', 'ADAPTER_CONFIG_MISSING'),
+  adapterCase(
+    'adapter without adapter_config.json',
+    (bad) => bad.noConfig,
+    'FAILED_PRECONDITION',
+    'ADAPTER_CONFIG_MISSING',
+  ),
   adapterCase('adapter config not JSON', (bad) => bad.configNotJson, 'FAILED_PRECONDITION', 'ADAPTER_CONFIG_INVALID'),
-  adapterCase('adapter config not a PEFT config', (bad) => bad.configNotPeft, 'FAILED_PRECONDITION', 'ADAPTER_CONFIG_INVALID'),
+  adapterCase(
+    'adapter config not a PEFT config',
+    (bad) => bad.configNotPeft,
+    'FAILED_PRECONDITION',
+    'ADAPTER_CONFIG_INVALID',
+  ),
   adapterCase('adapter without safetensors', (bad) => bad.noWeights, 'FAILED_PRECONDITION', 'ADAPTER_WEIGHTS_MISSING'),
-  adapterCase('adapter with only adapter_model.bin', (bad) => bad.pickleOnly, 'FAILED_PRECONDITION', 'ADAPTER_PICKLE_REFUSED'),
-  adapterCase('adapter safetensors truncated', (bad) => bad.truncatedWeights, 'FAILED_PRECONDITION', 'ADAPTER_WEIGHTS_CORRUPT'),
-  adapterCase('adapter safetensors corrupt', (bad) => bad.corruptWeights, 'FAILED_PRECONDITION', 'ADAPTER_WEIGHTS_CORRUPT'),
-  adapterCase('adapter for a base of another hidden size', (bad) => bad.otherSize, 'FAILED_PRECONDITION', 'ADAPTER_INCOMPATIBLE'),
-  adapterCase('adapter targeting modules the base lacks', (bad) => bad.missingTargets, 'FAILED_PRECONDITION', 'ADAPTER_INCOMPATIBLE'),
-  adapterCase('adapter outside security.adapterRoots', (bad) => bad.outsideRoots, 'PERMISSION_DENIED', 'PATH_OUTSIDE_ROOTS'),
+  adapterCase(
+    'adapter with only adapter_model.bin',
+    (bad) => bad.pickleOnly,
+    'FAILED_PRECONDITION',
+    'ADAPTER_PICKLE_REFUSED',
+  ),
+  adapterCase(
+    'adapter safetensors truncated',
+    (bad) => bad.truncatedWeights,
+    'FAILED_PRECONDITION',
+    'ADAPTER_WEIGHTS_CORRUPT',
+  ),
+  adapterCase(
+    'adapter safetensors corrupt',
+    (bad) => bad.corruptWeights,
+    'FAILED_PRECONDITION',
+    'ADAPTER_WEIGHTS_CORRUPT',
+  ),
+  adapterCase(
+    'adapter for a base of another hidden size',
+    (bad) => bad.otherSize,
+    'FAILED_PRECONDITION',
+    'ADAPTER_INCOMPATIBLE',
+  ),
+  adapterCase(
+    'adapter targeting modules the base lacks',
+    (bad) => bad.missingTargets,
+    'FAILED_PRECONDITION',
+    'ADAPTER_INCOMPATIBLE',
+  ),
+  adapterCase(
+    'adapter outside security.adapterRoots',
+    (bad) => bad.outsideRoots,
+    'PERMISSION_DENIED',
+    'PATH_OUTSIDE_ROOTS',
+  ),
   adapterCase('adapter symlink out of the roots', (bad) => bad.symlinkOut, 'PERMISSION_DENIED', 'PATH_OUTSIDE_ROOTS'),
   adapterCase('adapter path climbing out with ..', (bad) => bad.dotDotOut, 'PERMISSION_DENIED', 'PATH_OUTSIDE_ROOTS'),
 
   // StreamExam: the same checks before the first chunk.
   stream('empty prompt', () => ({ prompt: '' }), invalidField('prompt')),
   stream('maxNewTokens 0', () => ({ maxNewTokens: 0 }), invalidField('max_new_tokens')),
-  stream('adapter path missing', (fx) => ({ adapterPath: fx.bad.missing }), { code: 'NOT_FOUND', reason: 'ADAPTER_NOT_FOUND', field: 'adapter_path' }),
-  stream('adapter outside security.adapterRoots', (fx) => ({ adapterPath: fx.bad.outsideRoots }), outsideRoots('adapter_path')),
-  stream('model outside security.modelRoots', (fx) => ({ modelName: path.join(fx.outside, 'model') }), outsideRoots('model_name')),
+  stream('adapter path missing', (fx) => ({ adapterPath: fx.bad.missing }), {
+    code: 'NOT_FOUND',
+    reason: 'ADAPTER_NOT_FOUND',
+    field: 'adapter_path',
+  }),
+  stream(
+    'adapter outside security.adapterRoots',
+    (fx) => ({ adapterPath: fx.bad.outsideRoots }),
+    outsideRoots('adapter_path'),
+  ),
+  stream(
+    'model outside security.modelRoots',
+    (fx) => ({ modelName: path.join(fx.outside, 'model') }),
+    outsideRoots('model_name'),
+  ),
 
   // LoadAdapter.
   load('bad name', (fx) => ({ name: '2bad', adapterPath: fx.models.adapter }), invalidField('name')),
@@ -203,7 +282,11 @@ const CASES: BadInputCase[] = [
     reason: 'ADAPTER_NOT_FOUND',
     field: 'adapter_path',
   }),
-  load('adapter outside security.adapterRoots', (fx) => ({ name: 'outside', adapterPath: fx.bad.outsideRoots }), outsideRoots('adapter_path')),
+  load(
+    'adapter outside security.adapterRoots',
+    (fx) => ({ name: 'outside', adapterPath: fx.bad.outsideRoots }),
+    outsideRoots('adapter_path'),
+  ),
   load(
     'model outside security.modelRoots',
     (fx) => ({ name: 'outside_model', adapterPath: fx.models.adapter, modelName: path.join(fx.outside, 'model') }),
@@ -220,26 +303,49 @@ const CASES: BadInputCase[] = [
   // CompareAdapters.
   compare('no prompts', (fx) => ({ adapters: [fx.models.adapter] }), invalidField('prompts')),
   compare('blank prompt', (fx) => ({ prompts: [PROMPT, ' '], adapters: [fx.models.adapter] }), invalidField('prompts')),
-  compare('9 prompts', (fx) => ({ prompts: Array.from({ length: 9 }, () => PROMPT), adapters: [fx.models.adapter] }), invalidField('prompts')),
-  compare('9 adapters', (fx) => ({ prompts: [PROMPT], adapters: Array.from({ length: 9 }, (_, i) => `${fx.models.adapter}${'/.'.repeat(i)}`) }), invalidField('adapters')),
   compare(
-    'duplicate adapters',
-    (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, fx.models.adapter] }),
-    { code: 'INVALID_ARGUMENT', reason: 'DUPLICATE_ADAPTER', field: 'adapters' },
+    '9 prompts',
+    (fx) => ({ prompts: Array.from({ length: 9 }, () => PROMPT), adapters: [fx.models.adapter] }),
+    invalidField('prompts'),
   ),
+  compare(
+    '9 adapters',
+    (fx) => ({
+      prompts: [PROMPT],
+      adapters: Array.from({ length: 9 }, (_, i) => `${fx.models.adapter}${'/.'.repeat(i)}`),
+    }),
+    invalidField('adapters'),
+  ),
+  compare('duplicate adapters', (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, fx.models.adapter] }), {
+    code: 'INVALID_ARGUMENT',
+    reason: 'DUPLICATE_ADAPTER',
+    field: 'adapters',
+  }),
   compare(
     'two spellings of one adapter folder',
     (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter, `${fx.models.adapter}/./`] }),
     { code: 'INVALID_ARGUMENT', reason: 'DUPLICATE_ADAPTER', field: 'adapters' },
   ),
-  compare('adapter outside security.adapterRoots', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.outsideRoots] }), outsideRoots('adapters')),
-  compare('missing adapter', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.missing] }), { code: 'NOT_FOUND', reason: 'ADAPTER_NOT_FOUND', field: 'adapters' }),
+  compare(
+    'adapter outside security.adapterRoots',
+    (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.outsideRoots] }),
+    outsideRoots('adapters'),
+  ),
+  compare('missing adapter', (fx) => ({ prompts: [PROMPT], adapters: [fx.bad.missing] }), {
+    code: 'NOT_FOUND',
+    reason: 'ADAPTER_NOT_FOUND',
+    field: 'adapters',
+  }),
   compare(
     'model outside security.modelRoots',
     (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter], modelName: path.join(fx.outside, 'model') }),
     outsideRoots('model_name'),
   ),
-  compare('maxNewTokens 0', (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter], maxNewTokens: 0 }), invalidField('max_new_tokens')),
+  compare(
+    'maxNewTokens 0',
+    (fx) => ({ prompts: [PROMPT], adapters: [fx.models.adapter], maxNewTokens: 0 }),
+    invalidField('max_new_tokens'),
+  ),
 
   // The protocol, over gRPC only.
   {
@@ -257,7 +363,10 @@ const CASES: BadInputCase[] = [
   {
     name: 'takeExam: deadline shorter than loading the model takes',
     method: 'takeExam',
-    grpc: (fx) => ({ json: { modelName: fx.bad.unloadedModel, disableAdapter: true }, options: { deadline: Date.now() + 30 } }),
+    grpc: (fx) => ({
+      json: { modelName: fx.bad.unloadedModel, disableAdapter: true },
+      options: { deadline: Date.now() + 30 },
+    }),
     expect: { code: 'DEADLINE_EXCEEDED' },
   },
 ];
@@ -296,7 +405,11 @@ describe('bad-input matrix', () => {
     const roots = [path.dirname(fx.models.adapter), dir];
     writeFileSync(
       configFile,
-      JSON.stringify({ ...config, logLevel: 'info', security: { ...config.security, adapterRoots: roots, modelRoots: roots } }),
+      JSON.stringify({
+        ...config,
+        logLevel: 'info',
+        security: { ...config.security, adapterRoots: roots, modelRoots: roots },
+      }),
     );
     daemon = serve(configFile);
     address = await daemon.ready;
@@ -321,7 +434,8 @@ describe('bad-input matrix', () => {
 
   it('has rows for every ExamService method, over gRPC and through the CLI', () => {
     const methods = Object.keys(ExamServiceService) as MethodName[];
-    const uncovered = (cases: BadInputCase[]): MethodName[] => methods.filter((m) => !cases.some((c) => c.method === m));
+    const uncovered = (cases: BadInputCase[]): MethodName[] =>
+      methods.filter((m) => !cases.some((c) => c.method === m));
     expect(uncovered(grpcCases)).toEqual([]);
     // ListAdapters takes no input the CLI could get wrong.
     expect(uncovered(cliCases)).toEqual(['listAdapters']);
@@ -348,7 +462,8 @@ describe('bad-input matrix', () => {
     const result = await sendAttempt(address, c, (c.grpc as (fx: Fixtures) => GrpcAttempt)(fx));
     expect(result.error && status[result.error.code]).toBe(c.expect.code);
     if (c.expect.reason !== undefined) expect(result.details?.reason).toBe(c.expect.reason);
-    if (c.expect.field !== undefined) expect(result.details?.fieldViolations.map((v) => v.field)).toEqual([c.expect.field]);
+    if (c.expect.field !== undefined)
+      expect(result.details?.fieldViolations.map((v) => v.field)).toEqual([c.expect.field]);
     await expectGoodRequestServed();
   });
 

@@ -134,7 +134,11 @@ describe('golem CLI end to end', () => {
   });
 
   it('compares adapters: a table on stderr, the JSON line on stdout', async () => {
-    const input = { prompts: ['Instruction: Which genre is the hobbit?\nResponse:'], adapters: [models.adapter_b], maxNewTokens: 3 };
+    const input = {
+      prompts: ['Instruction: Which genre is the hobbit?\nResponse:'],
+      adapters: [models.adapter_b],
+      maxNewTokens: 3,
+    };
     const run = await golem(['compare', JSON.stringify(input), '--address', address]);
     expect(run.code).toBe(0);
     expect(run.json).toMatchObject({ status: 'success', exitCode: 0 });
@@ -211,7 +215,10 @@ describe('golem CLI end to end', () => {
   it('fails with exit 5 when no daemon runs and none can be started', async () => {
     const nobody = `127.0.0.1:${await freePort()}`;
     const broken = path.join(dir, 'broken.json');
-    writeFileSync(broken, JSON.stringify({ ...tinyConfig(models), sidecar: { address: '', python: '/no/python', startTimeoutMs: 1000 } }));
+    writeFileSync(
+      broken,
+      JSON.stringify({ ...tinyConfig(models), sidecar: { address: '', python: '/no/python', startTimeoutMs: 1000 } }),
+    );
     const run = await golem(['exam', '{}', '--address', nobody, '--config', broken]);
     expect(run.code).toBe(5);
     expect(run.json).toMatchObject({ status: 'failure', exitCode: 5, detail: { code: 'UNAVAILABLE' } });

@@ -68,10 +68,10 @@ describe('gateway streaming and adapter registry with a real sidecar', () => {
   });
 
   it('loads a named adapter, answers with it, lists it, unloads it, then NOT_FOUND', async () => {
-    const load = await unaryCall<LoadAdapterRequest, LoadAdapterResponse>(
-      (r, m, cb) => client.loadAdapter(r, m, cb),
-      { name: 'genre_b', adapterPath: models.adapter_b },
-    );
+    const load = await unaryCall<LoadAdapterRequest, LoadAdapterResponse>((r, m, cb) => client.loadAdapter(r, m, cb), {
+      name: 'genre_b',
+      adapterPath: models.adapter_b,
+    });
     expect(load.error).toBeUndefined();
     expect(load.response?.adapter).toMatchObject({ name: 'genre_b', adapter: { path: models.adapter_b } });
 
@@ -80,7 +80,10 @@ describe('gateway streaming and adapter registry with a real sidecar', () => {
     expect(byName.error).toBeUndefined();
     expect(byName.response?.answer).toBe(byPath.response?.answer);
 
-    const listed = await unaryCall<ListAdaptersRequest, ListAdaptersResponse>((r, m, cb) => client.listAdapters(r, m, cb), {});
+    const listed = await unaryCall<ListAdaptersRequest, ListAdaptersResponse>(
+      (r, m, cb) => client.listAdapters(r, m, cb),
+      {},
+    );
     expect(listed.response?.adapters.map((a) => a.name)).toContain('genre_b');
 
     const unload = await unaryCall((r, m, cb) => client.unloadAdapter(r, m, cb), { name: 'genre_b' });
@@ -92,11 +95,14 @@ describe('gateway streaming and adapter registry with a real sidecar', () => {
 
   it('compares base and adapters with answers equal to single TakeExam answers', async () => {
     const maxNewTokens = 5;
-    const { response, error } = await unaryCall<CompareAdaptersRequest, CompareAdaptersResponse>((r, m, cb) => client.compareAdapters(r, m, cb), {
-      prompts: [PROMPT],
-      adapters: [models.adapter, models.adapter_b],
-      maxNewTokens,
-    });
+    const { response, error } = await unaryCall<CompareAdaptersRequest, CompareAdaptersResponse>(
+      (r, m, cb) => client.compareAdapters(r, m, cb),
+      {
+        prompts: [PROMPT],
+        adapters: [models.adapter, models.adapter_b],
+        maxNewTokens,
+      },
+    );
     expect(error).toBeUndefined();
     const answers = response?.comparisons[0].answers ?? [];
     expect(answers.map((a) => a.model)).toEqual(['__base__', models.adapter, models.adapter_b]);

@@ -52,14 +52,21 @@ function requestBytes(method: Method, values: Record<string, JsonValue>): Buffer
   return Buffer.from(toBinary(input.desc, fromJson(input.desc, json)));
 }
 
-function requestFields(method: Method): { desc: NonNullable<ReturnType<typeof methodMessages>>['input']; fields: DescField[] } {
+function requestFields(method: Method): {
+  desc: NonNullable<ReturnType<typeof methodMessages>>['input'];
+  fields: DescField[];
+} {
   const messages = methodMessages(method.path);
   if (!messages) throw new Error(`${method.path} is not in the contract's descriptors`);
   return { desc: messages.input, fields: messages.input.fields };
 }
 
 function call(address: string, method: Method, bytes: Buffer, metadata = new Metadata()): Promise<RawResult> {
-  return rawCall(address, method.path, bytes, { metadata, responseStream: method.responseStream, deadline: Date.now() + 30000 });
+  return rawCall(address, method.path, bytes, {
+    metadata,
+    responseStream: method.responseStream,
+    deadline: Date.now() + 30000,
+  });
 }
 
 function withRequestId(id: string): Metadata {
@@ -98,20 +105,28 @@ describe('the gate, walked over every ExamService method', () => {
   });
 
   it.each(names)('%s: echoes the caller x-request-id, or one it made up', async (_name, method) => {
-    const given = await call(gateway.address, method, requestBytes(method, baseline(models)), withRequestId(`walk-${_name}`));
+    const given = await call(
+      gateway.address,
+      method,
+      requestBytes(method, baseline(models)),
+      withRequestId(`walk-${_name}`),
+    );
     expect(given.headers?.get('x-request-id')).toEqual([`walk-${_name}`]);
     const made = await call(gateway.address, method, requestBytes(method, baseline(models)));
     expect(made.headers?.get('x-request-id')[0]).toMatch(/^[0-9a-f-]{36}$/);
   });
 
-  it.each(names)('%s: logs one info line when the call ends, with method, code, ms and request id', async (name, method) => {
-    const id = `log-${name}`;
-    const { error } = await call(gateway.address, method, requestBytes(method, baseline(models)), withRequestId(id));
-    const info = logs.lines().filter((line) => line.request_id === id && line.level === 'info');
-    expect(info).toHaveLength(1);
-    expect(info[0]).toMatchObject({ message: 'call', method: method.path, code: status[error?.code ?? status.OK] });
-    expect(typeof info[0].ms).toBe('number');
-  });
+  it.each(names)(
+    '%s: logs one info line when the call ends, with method, code, ms and request id',
+    async (name, method) => {
+      const id = `log-${name}`;
+      const { error } = await call(gateway.address, method, requestBytes(method, baseline(models)), withRequestId(id));
+      const info = logs.lines().filter((line) => line.request_id === id && line.level === 'info');
+      expect(info).toHaveLength(1);
+      expect(info[0]).toMatchObject({ message: 'call', method: method.path, code: status[error?.code ?? status.OK] });
+      expect(typeof info[0].ms).toBe('number');
+    },
+  );
 
   const pathCases = names.flatMap(([name, method]) =>
     requestFields(method)
@@ -121,20 +136,32 @@ describe('the gate, walked over every ExamService method', () => {
 
   it('finds the path fields of the methods that have them', () => {
     expect(pathCases.map(([name, field]) => `${name}.${field}`)).toEqual(
-      expect.arrayContaining(['TakeExam.model_name', 'TakeExam.adapter_path', 'LoadAdapter.adapter_path', 'CompareAdapters.adapters']),
+      expect.arrayContaining([
+        'TakeExam.model_name',
+        'TakeExam.adapter_path',
+        'LoadAdapter.adapter_path',
+        'CompareAdapters.adapters',
+      ]),
     );
   });
 
-  it.each(pathCases)('%s: %s outside the roots is PERMISSION_DENIED PATH_OUTSIDE_ROOTS', async (_name, fieldName, method, field) => {
-    const there = path.join(outside, 'elsewhere');
-    const value = field.fieldKind === 'list' ? [there] : there;
-    const { error, details } = await call(gateway.address, method, requestBytes(method, { ...baseline(models), [fieldName]: value }));
-    expect({ code: error && status[error.code], reason: details?.reason }).toEqual({
-      code: 'PERMISSION_DENIED',
-      reason: 'PATH_OUTSIDE_ROOTS',
-    });
-    expect(details?.fieldViolations.map((v) => v.field.replace(/\[\d+\]$/, ''))).toEqual([fieldName]);
-  });
+  it.each(pathCases)(
+    '%s: %s outside the roots is PERMISSION_DENIED PATH_OUTSIDE_ROOTS',
+    async (_name, fieldName, method, field) => {
+      const there = path.join(outside, 'elsewhere');
+      const value = field.fieldKind === 'list' ? [there] : there;
+      const { error, details } = await call(
+        gateway.address,
+        method,
+        requestBytes(method, { ...baseline(models), [fieldName]: value }),
+      );
+      expect({ code: error && status[error.code], reason: details?.reason }).toEqual({
+        code: 'PERMISSION_DENIED',
+        reason: 'PATH_OUTSIDE_ROOTS',
+      });
+      expect(details?.fieldViolations.map((v) => v.field.replace(/\[\d+\]$/, ''))).toEqual([fieldName]);
+    },
+  );
 
   describe('caller text in the logs', () => {
     const PROMPT = 'Instruction: Which genre is the hobbit?\nResponse:';
@@ -233,6 +260,9 @@ describe('the gate once close has begun', () => {
 
   it.each(names)('%s: a new call is UNAVAILABLE SHUTTING_DOWN', async (_name, method) => {
     const { error, details } = await call(gateway.address, method, Buffer.alloc(0));
-    expect({ code: error && status[error.code], reason: details?.reason }).toEqual({ code: 'UNAVAILABLE', reason: 'SHUTTING_DOWN' });
+    expect({ code: error && status[error.code], reason: details?.reason }).toEqual({
+      code: 'UNAVAILABLE',
+      reason: 'SHUTTING_DOWN',
+    });
   });
 });

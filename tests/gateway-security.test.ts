@@ -36,10 +36,27 @@ describe('gateway with TLS and a bearer token', () => {
     dir = mkdtempSync(path.join(os.tmpdir(), 'golem-security-'));
     cert = path.join(dir, 'cert.pem');
     const key = path.join(dir, 'key.pem');
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=localhost',
-      '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', key, '-out', cert,
-    ], { stdio: 'ignore' });
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'rsa:2048',
+        '-nodes',
+        '-days',
+        '1',
+        '-subj',
+        '/CN=localhost',
+        '-addext',
+        'subjectAltName=IP:127.0.0.1',
+        '-keyout',
+        key,
+        '-out',
+        cert,
+      ],
+      { stdio: 'ignore' },
+    );
     const config = tinyConfig(tinyModels());
     const configFile = path.join(dir, 'golem.json');
     writeFileSync(
@@ -99,7 +116,10 @@ describe('gateway with TLS and a bearer token', () => {
   it('CLI: sends the token from the environment and trusts --tls-ca or GOLEM_TLS_CA', async () => {
     const env = { ...CLI_ENV, [TOKEN_ENV]: TOKEN };
     const config = path.join(dir, 'golem.json');
-    const viaFlag = await golem(['exam', '{"maxNewTokens": 1}', '--address', address, '--config', config, '--tls-ca', cert], env);
+    const viaFlag = await golem(
+      ['exam', '{"maxNewTokens": 1}', '--address', address, '--config', config, '--tls-ca', cert],
+      env,
+    );
     expect(viaFlag).toMatchObject({ code: 0, json: { status: 'success' } });
     const viaEnv = await golem(['exam', '{"maxNewTokens": 1}', '--address', address, '--config', config], {
       ...env,
@@ -110,14 +130,26 @@ describe('gateway with TLS and a bearer token', () => {
 
   it('CLI: exit 9 without the token', async () => {
     const config = path.join(dir, 'golem.json');
-    const run = await golem(['exam', '{"maxNewTokens": 1}', '--address', address, '--config', config, '--tls-ca', cert]);
+    const run = await golem([
+      'exam',
+      '{"maxNewTokens": 1}',
+      '--address',
+      address,
+      '--config',
+      config,
+      '--tls-ca',
+      cert,
+    ]);
     expect(run.code).toBe(9);
     expect(run.json).toMatchObject({ exitCode: 9, detail: { code: 'UNAUTHENTICATED', reason: 'UNAUTHENTICATED' } });
   });
 
   it('CLI: without the CA it fails UNAVAILABLE, and does not start a daemon of its own', async () => {
     const env = { ...CLI_ENV, [TOKEN_ENV]: TOKEN };
-    const run = await golem(['exam', '{"maxNewTokens": 1}', '--address', address, '--config', path.join(dir, 'golem.json')], env);
+    const run = await golem(
+      ['exam', '{"maxNewTokens": 1}', '--address', address, '--config', path.join(dir, 'golem.json')],
+      env,
+    );
     expect(run.code).toBe(5);
     expect(run.stderr).not.toContain('starting one for this call');
   });

@@ -12,7 +12,12 @@ import path from 'node:path';
 import { messageDescriptor } from '../src/contract';
 import { loadConfig } from '../src/config';
 import { startGateway, type Gateway } from '../src/gateway/server';
-import { ExamServiceService, TakeExamResponse, type ExamServiceClient, type TakeExamRequest } from '../src/gen/golem/exam/v1/exam';
+import {
+  ExamServiceService,
+  TakeExamResponse,
+  type ExamServiceClient,
+  type TakeExamRequest,
+} from '../src/gen/golem/exam/v1/exam';
 import { examClient, healthStatus, rawCall, takeExam } from './support/grpc';
 import { tinyConfig, tinyModels, type TinyModels } from './support/tiny-models';
 
@@ -78,7 +83,9 @@ describe('gateway in front of the real sidecar', () => {
   });
 
   it('property: random requests get documented codes with an ErrorInfo, and the daemon keeps serving', async () => {
-    const text = fc.option(fc.oneof(fc.string({ maxLength: 12 }), fc.constantFrom('', '  ', 'x', '\u0000')), { nil: undefined });
+    const text = fc.option(fc.oneof(fc.string({ maxLength: 12 }), fc.constantFrom('', '  ', 'x', '\u0000')), {
+      nil: undefined,
+    });
     const arbitraryRequest: fc.Arbitrary<Partial<TakeExamRequest>> = fc.record({
       modelName: text,
       adapterPath: text,
@@ -104,7 +111,10 @@ describe('gateway in front of the real sidecar', () => {
       fc.asyncProperty(arbitraryRequest, async (request) => {
         const { error, details } = await takeExam(client, request);
         const code = error?.code ?? status.OK;
-        expect({ code: status[code], documented: DOCUMENTED.has(code) }).toEqual({ code: status[code], documented: true });
+        expect({ code: status[code], documented: DOCUMENTED.has(code) }).toEqual({
+          code: status[code],
+          documented: true,
+        });
         if (!error) return;
         expect(details?.domain).toBe('golem.dev');
         expect(details?.reason).toMatch(/^[A-Z][A-Z0-9_]+$/);
@@ -120,7 +130,17 @@ describe('gateway in front of the real sidecar', () => {
   it('passes a uint64 seed of 2^64-1 to the sidecar exactly, never re-encoding it', async () => {
     const desc = messageDescriptor('golem.exam.v1.TakeExamRequest');
     const request = (seed: bigint): Buffer =>
-      Buffer.from(toBinary(desc, create(desc, { seed, temperature: 1.5, maxNewTokens: 8, prompt: 'Instruction: Which genre is dune?\nResponse:' })));
+      Buffer.from(
+        toBinary(
+          desc,
+          create(desc, {
+            seed,
+            temperature: 1.5,
+            maxNewTokens: 8,
+            prompt: 'Instruction: Which genre is dune?\nResponse:',
+          }),
+        ),
+      );
     const top = request(2n ** 64n - 1n);
     const path = ExamServiceService.takeExam.path;
     const viaGateway = await rawCall(gateway.address, path, top);

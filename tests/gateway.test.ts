@@ -128,9 +128,7 @@ describe('gateway with a real sidecar', () => {
 
   it('lists its services through reflection', async () => {
     const services = await listServices(gateway.address);
-    expect(services).toEqual(
-      expect.arrayContaining(['golem.exam.v1.ExamService', 'grpc.health.v1.Health']),
-    );
+    expect(services).toEqual(expect.arrayContaining(['golem.exam.v1.ExamService', 'grpc.health.v1.Health']));
     const files = await describeSymbol(gateway.address, 'golem.exam.v1.ExamService');
     expect(files.some((file) => file.toString('latin1').includes('TakeExamRequest'))).toBe(true);
   });

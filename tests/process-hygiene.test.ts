@@ -141,27 +141,30 @@ describe('process hygiene', () => {
   it.each([
     [false, '1'],
     [true, undefined],
-  ])('allowHubDownloads %s: the sidecar starts with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE %s', async (allow, offline) => {
-    const config = tinyConfig(models);
-    const fake: GolemConfig = {
-      ...config,
-      sidecar: { ...config.sidecar, python: fakeSidecarPython(dir, 'hang') },
-      security: { ...config.security, allowHubDownloads: allow },
-    };
-    const saved = { ...process.env };
-    delete process.env.HF_HUB_OFFLINE;
-    delete process.env.TRANSFORMERS_OFFLINE;
-    const address = `unix:${path.join(dir, `fake-${allow}.sock`)}`;
-    let sidecar: SidecarProcess | undefined;
-    try {
-      sidecar = SidecarProcess.spawn({ config: fake, address, logger: captureLogs().logger });
-      await sidecar.waitUntilServing(30000);
-      const env = environmentOf(sidecar.pid as number);
-      expect(env.HF_HUB_OFFLINE).toBe(offline);
-      expect(env.TRANSFORMERS_OFFLINE).toBe(offline);
-    } finally {
-      process.env = saved;
-      await sidecar?.stop(2000);
-    }
-  });
+  ])(
+    'allowHubDownloads %s: the sidecar starts with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE %s',
+    async (allow, offline) => {
+      const config = tinyConfig(models);
+      const fake: GolemConfig = {
+        ...config,
+        sidecar: { ...config.sidecar, python: fakeSidecarPython(dir, 'hang') },
+        security: { ...config.security, allowHubDownloads: allow },
+      };
+      const saved = { ...process.env };
+      delete process.env.HF_HUB_OFFLINE;
+      delete process.env.TRANSFORMERS_OFFLINE;
+      const address = `unix:${path.join(dir, `fake-${allow}.sock`)}`;
+      let sidecar: SidecarProcess | undefined;
+      try {
+        sidecar = SidecarProcess.spawn({ config: fake, address, logger: captureLogs().logger });
+        await sidecar.waitUntilServing(30000);
+        const env = environmentOf(sidecar.pid as number);
+        expect(env.HF_HUB_OFFLINE).toBe(offline);
+        expect(env.TRANSFORMERS_OFFLINE).toBe(offline);
+      } finally {
+        process.env = saved;
+        await sidecar?.stop(2000);
+      }
+    },
+  );
 });

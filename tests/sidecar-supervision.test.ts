@@ -82,7 +82,13 @@ describe('a wedged sidecar', () => {
     logs = captureLogs('info');
     const config = tinyConfig(models);
     // Fast checks, so the test notices within seconds; the defaults take about 6 s.
-    const sidecar = { ...config.sidecar, restartBackoffMs: 100, healthIntervalMs: 300, healthTimeoutMs: 300, healthFailures: 3 };
+    const sidecar = {
+      ...config.sidecar,
+      restartBackoffMs: 100,
+      healthIntervalMs: 300,
+      healthTimeoutMs: 300,
+      healthFailures: 3,
+    };
     gateway = await startGateway({ ...config, sidecar }, { logger: logs.logger });
     client = examClient(gateway.address);
   });

@@ -32,16 +32,28 @@ type DaemonCall = (
 ) => ClientUnaryCall;
 
 /** `golem adapters load NAME PATH [--model M]`. */
-export function runLoadAdapter(name: string, adapterPath: string, modelName: string | undefined, options: DaemonOptions): Promise<ExitCode> {
+export function runLoadAdapter(
+  name: string,
+  adapterPath: string,
+  modelName: string | undefined,
+  options: DaemonOptions,
+): Promise<ExitCode> {
   return run(options, (client, metadata, done) =>
     client.loadAdapter({ name, adapterPath, modelName }, metadata, (error, response) =>
-      done(error, response && success(`loaded ${response.adapter?.name ?? name}`, LoadAdapterResponse.toJSON(response))),
+      done(
+        error,
+        response && success(`loaded ${response.adapter?.name ?? name}`, LoadAdapterResponse.toJSON(response)),
+      ),
     ),
   );
 }
 
 /** `golem adapters unload NAME [--model M]`. */
-export function runUnloadAdapter(name: string, modelName: string | undefined, options: DaemonOptions): Promise<ExitCode> {
+export function runUnloadAdapter(
+  name: string,
+  modelName: string | undefined,
+  options: DaemonOptions,
+): Promise<ExitCode> {
   return run(options, (client, metadata, done) =>
     client.unloadAdapter({ name, modelName }, metadata, (error) => done(error, success(`unloaded ${name}`, {}))),
   );
@@ -51,7 +63,10 @@ export function runUnloadAdapter(name: string, modelName: string | undefined, op
 export function runListAdapters(options: DaemonOptions): Promise<ExitCode> {
   return run(options, (client, metadata, done) =>
     client.listAdapters({}, metadata, (error, response) =>
-      done(error, response && success(response.adapters.map((a) => a.name).join(', '), ListAdaptersResponse.toJSON(response))),
+      done(
+        error,
+        response && success(response.adapters.map((a) => a.name).join(', '), ListAdaptersResponse.toJSON(response)),
+      ),
     ),
   );
 }
@@ -62,18 +77,33 @@ export function runCompare(input: string, options: DaemonOptions): Promise<ExitC
   if (!parsed.ok) {
     const what = parsed.violations.map((v) => `${v.field}: ${v.description}`).join('; ');
     return Promise.resolve(
-      print(failure(ExitCode.INVALID_INPUT, `invalid input: ${what}`, 'INVALID_ARGUMENT', 'INVALID_INPUT', parsed.violations)),
+      print(
+        failure(
+          ExitCode.INVALID_INPUT,
+          `invalid input: ${what}`,
+          'INVALID_ARGUMENT',
+          'INVALID_INPUT',
+          parsed.violations,
+        ),
+      ),
     );
   }
   const adapters = Array.isArray(parsed.request.adapters) ? parsed.request.adapters.length : 0;
   const method = ExamServiceService.compareAdapters;
   // Sent as the bytes the input parser encoded, like exam's request.
   return run(options, (client, metadata, done) =>
-    client.makeUnaryRequest(method.path, identity, method.responseDeserialize, Buffer.from(parsed.bytes), metadata, (error, response) => {
-      if (error || !response) return done(error);
-      process.stderr.write(compareTable(response));
-      done(null, success(`compared ${adapters} adapter(s) with the base`, CompareAdaptersResponse.toJSON(response)));
-    }),
+    client.makeUnaryRequest(
+      method.path,
+      identity,
+      method.responseDeserialize,
+      Buffer.from(parsed.bytes),
+      metadata,
+      (error, response) => {
+        if (error || !response) return done(error);
+        process.stderr.write(compareTable(response));
+        done(null, success(`compared ${adapters} adapter(s) with the base`, CompareAdaptersResponse.toJSON(response)));
+      },
+    ),
   );
 }
 
@@ -94,7 +124,11 @@ export function compareTable(response: CompareAdaptersResponse): string {
       ...models.map((m) => (answer.meanLogprob[m] === undefined ? '-' : answer.meanLogprob[m].toFixed(3))),
     ]);
     const widths = header.map((_, i) => Math.max(...[header, ...rows].map((row) => row[i].length)));
-    const line = (row: string[]): string => row.map((cell, i) => cell.padEnd(widths[i])).join('  ').trimEnd();
+    const line = (row: string[]): string =>
+      row
+        .map((cell, i) => cell.padEnd(widths[i]))
+        .join('  ')
+        .trimEnd();
     return [`prompt: ${truncate(JSON.stringify(comparison.prompt), 72)}`, line(header), ...rows.map(line)].join('\n');
   });
   return `${blocks.join('\n\n')}\n`;

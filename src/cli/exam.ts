@@ -68,7 +68,13 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
   const parsed = parseExamInput(options.input);
   if (!parsed.ok) {
     const what = parsed.violations.map((v) => `${v.field}: ${v.description}`).join('; ');
-    return failure(ExitCode.INVALID_INPUT, `invalid input: ${what}`, 'INVALID_ARGUMENT', 'INVALID_INPUT', parsed.violations);
+    return failure(
+      ExitCode.INVALID_INPUT,
+      `invalid input: ${what}`,
+      'INVALID_ARGUMENT',
+      'INVALID_INPUT',
+      parsed.violations,
+    );
   }
   const channelCredentials = channelCredentialsFor(options.tlsCa);
   if ('exitCode' in channelCredentials) return channelCredentials;
@@ -132,7 +138,10 @@ async function startOwnGateway(config: GolemConfig): Promise<Gateway | ExamOutco
   try {
     // Any free loopback port, private to this call: plaintext, whatever the daemon's TLS setting.
     const security = { ...config.security, tlsCertFile: '', tlsKeyFile: '' };
-    return await startGateway({ ...config, security }, { listen: '127.0.0.1:0', logger: createLogger(config.logLevel) });
+    return await startGateway(
+      { ...config, security },
+      { listen: '127.0.0.1:0', logger: createLogger(config.logLevel) },
+    );
   } catch (err) {
     const message = `no daemon is running and none could be started: ${(err as Error).message}`;
     return failure(ExitCode.UNAVAILABLE, message, 'UNAVAILABLE', 'DAEMON_UNAVAILABLE');
@@ -172,13 +181,22 @@ function streamCall(client: Client, request: Buffer, token: string | undefined):
     stream.on('status', (status: StatusObject) => {
       if (status.code !== GrpcStatus.OK) return;
       if (wrote) process.stderr.write('\n');
-      resolve(final ? fromResponse(final) : failure(ExitCode.FAILURE, 'the stream ended without its final chunk', 'INTERNAL', 'NO_FINAL_CHUNK'));
+      resolve(
+        final
+          ? fromResponse(final)
+          : failure(ExitCode.FAILURE, 'the stream ended without its final chunk', 'INTERNAL', 'NO_FINAL_CHUNK'),
+      );
     });
   });
 }
 
 function fromResponse(response: TakeExamResponse): ExamOutcome {
-  return { status: 'success', exitCode: ExitCode.SUCCESS, result: response.answer, detail: TakeExamResponse.toJSON(response) };
+  return {
+    status: 'success',
+    exitCode: ExitCode.SUCCESS,
+    result: response.answer,
+    detail: TakeExamResponse.toJSON(response),
+  };
 }
 
 /** The outcome for a failed call: its code's exit code, and its details. */

@@ -7,7 +7,16 @@
  * Value ranges are the sidecar's to check.
  */
 import { randomUUID } from 'node:crypto';
-import { fromJson, ScalarType, toBinary, toJson, type DescField, type DescMessage, type JsonObject, type JsonValue } from '@bufbuild/protobuf';
+import {
+  fromJson,
+  ScalarType,
+  toBinary,
+  toJson,
+  type DescField,
+  type DescMessage,
+  type JsonObject,
+  type JsonValue,
+} from '@bufbuild/protobuf';
 import { messageDescriptor } from '../contract';
 import type { FieldViolation } from '../gateway/errors';
 
@@ -15,7 +24,8 @@ export const EXAM_REQUEST_TYPE = 'golem.exam.v1.TakeExamRequest';
 export const COMPARE_REQUEST_TYPE = 'golem.exam.v1.CompareAdaptersRequest';
 
 /** A parsed request: its canonical proto3 JSON (for showing) and its wire bytes (for sending). */
-export type ParsedInput = { ok: true; request: JsonObject; bytes: Uint8Array } | { ok: false; violations: FieldViolation[] };
+export type ParsedInput =
+  { ok: true; request: JsonObject; bytes: Uint8Array } | { ok: false; violations: FieldViolation[] };
 
 /** Parses `golem exam`'s JSON text into a TakeExamRequest, or lists what is wrong with it, by key. */
 export function parseExamInput(text: string): ParsedInput {
@@ -43,7 +53,13 @@ export function parseRequest(text: string, typeName: string): ParsedInput {
  * Checks each key of `object` against the message's fields, one key at a time, so that every
  * problem names its key (dotted for nested messages). Returns the object with big integers restored.
  */
-function checkMessage(desc: DescMessage, object: JsonObject, at: string[], violations: FieldViolation[], bigInts: BigInts): JsonObject {
+function checkMessage(
+  desc: DescMessage,
+  object: JsonObject,
+  at: string[],
+  violations: FieldViolation[],
+  bigInts: BigInts,
+): JsonObject {
   const checked: JsonObject = {};
   for (const [key, raw] of Object.entries(object)) {
     const path = [...at, key].join('.');
@@ -81,7 +97,13 @@ function suggestion(desc: DescMessage, key: string): string {
   return meant ? ` (did you mean ${meant.jsonName}?)` : '';
 }
 
-const INT64_TYPES = new Set([ScalarType.INT64, ScalarType.UINT64, ScalarType.SINT64, ScalarType.FIXED64, ScalarType.SFIXED64]);
+const INT64_TYPES = new Set([
+  ScalarType.INT64,
+  ScalarType.UINT64,
+  ScalarType.SINT64,
+  ScalarType.FIXED64,
+  ScalarType.SFIXED64,
+]);
 
 /**
  * JSON.parse turns an integer beyond 2^53 into the nearest double, so `seed` would silently
@@ -103,7 +125,10 @@ class BigInts {
     if (Array.isArray(value)) return value.map((item) => this.restore(item, field));
     if (typeof value !== 'string' || !value.startsWith(this.mark)) return value;
     const digits = value.slice(this.mark.length);
-    const int64 = (field.fieldKind === 'scalar' || field.fieldKind === 'list') && field.scalar !== undefined && INT64_TYPES.has(field.scalar);
+    const int64 =
+      (field.fieldKind === 'scalar' || field.fieldKind === 'list') &&
+      field.scalar !== undefined &&
+      INT64_TYPES.has(field.scalar);
     return int64 ? digits : Number(digits);
   }
 }
@@ -117,7 +142,11 @@ function parseJsonObject(text: string): { object: JsonObject; bigInts: BigInts }
     return { violations: [{ field: 'input', description: `not valid JSON: ${(err as Error).message}` }] };
   }
   if (!isObject(value)) {
-    const got = Array.isArray(value) ? 'an array' : typeof value === 'string' && value.startsWith('\u0000') ? 'number' : typeof value;
+    const got = Array.isArray(value)
+      ? 'an array'
+      : typeof value === 'string' && value.startsWith('\u0000')
+        ? 'number'
+        : typeof value;
     return { violations: [{ field: 'input', description: `must be a JSON object, got ${got}` }] };
   }
   return { object: value, bigInts };

@@ -116,7 +116,12 @@ const DAEMON_OPTIONS = {
 async function adapters(args: string[]): Promise<number> {
   let parsed;
   try {
-    parsed = parseArgs({ args, options: { ...DAEMON_OPTIONS, model: { type: 'string' } }, allowPositionals: true, strict: true });
+    parsed = parseArgs({
+      args,
+      options: { ...DAEMON_OPTIONS, model: { type: 'string' } },
+      allowPositionals: true,
+      strict: true,
+    });
   } catch (err) {
     return usageError((err as Error).message);
   }
@@ -147,7 +152,11 @@ async function compare(args: string[]): Promise<number> {
     return usageError(`compare takes one JSON argument, got ${parsed.positionals.length}`);
   }
   const { values } = parsed;
-  return runCompare(parsed.positionals[0], { address: values.address, configFile: values.config, tlsCa: values['tls-ca'] });
+  return runCompare(parsed.positionals[0], {
+    address: values.address,
+    configFile: values.config,
+    tlsCa: values['tls-ca'],
+  });
 }
 
 // Even a bad command line gets the one JSON line, so scripts always have something to parse.

@@ -22,7 +22,9 @@ export function bearerAuthorizer(token: string | undefined): Authorizer {
     const header = metadata.get(AUTHORIZATION_KEY)[0];
     const match = typeof header === 'string' ? /^Bearer\s+(\S+)\s*$/i.exec(header) : null;
     if (match && timingSafeEqual(digest(match[1]), expected)) return;
-    const message = match ? 'the bearer token is not valid' : 'this call needs metadata "authorization: Bearer <token>"';
+    const message = match
+      ? 'the bearer token is not valid'
+      : 'this call needs metadata "authorization: Bearer <token>"';
     throw new GrpcError(statusError(GrpcStatus.UNAUTHENTICATED, message, UNAUTHENTICATED_REASON));
   };
 }

@@ -35,7 +35,10 @@ export interface Forwarding {
   requestTimeoutMs: number;
 }
 
-type Method = Pick<(typeof ExamServiceService)[keyof typeof ExamServiceService], 'path' | 'requestStream' | 'responseStream'>;
+type Method = Pick<
+  (typeof ExamServiceService)[keyof typeof ExamServiceService],
+  'path' | 'requestStream' | 'responseStream'
+>;
 
 /** ExamService with every message kept as its bytes, both ways. */
 export function rawExamService(): ServiceDefinition {
@@ -61,7 +64,9 @@ export function forwardingHandlers(forwarding: Forwarding): UntypedServiceImplem
     Object.entries(ExamServiceService).map(([name, method]: [string, Method]) => {
       // Client streams would need the gateway to hold a call open both ways; none exist yet.
       if (method.requestStream) throw new Error(`${method.path}: client-streaming methods are not forwarded`);
-      const handler = method.responseStream ? forwardStream(forwarding, method.path) : forwardUnary(forwarding, method.path);
+      const handler = method.responseStream
+        ? forwardStream(forwarding, method.path)
+        : forwardUnary(forwarding, method.path);
       return [name, handler];
     }),
   );
@@ -70,7 +75,11 @@ export function forwardingHandlers(forwarding: Forwarding): UntypedServiceImplem
 function forwardUnary(forwarding: Forwarding, path: string): handleUnaryCall<Buffer, Buffer> {
   return (call, callback) => {
     forwarding.inFlight
-      .run((signal) => forwarding.link.current().unary(path, call.request, sidecarMetadata(call), callOptions(call, forwarding), signal))
+      .run((signal) =>
+        forwarding.link
+          .current()
+          .unary(path, call.request, sidecarMetadata(call), callOptions(call, forwarding), signal),
+      )
       .then(
         (response) => callback(null, response),
         (error: unknown) => callback(asCallbackStatus(statusOf(error, forwarding.logger, path))),
@@ -84,18 +93,27 @@ function forwardUnary(forwarding: Forwarding, path: string): handleUnaryCall<Buf
  */
 function forwardStream(forwarding: Forwarding, path: string): handleServerStreamingCall<Buffer, Buffer> {
   return (call) => {
-    forwarding.inFlight.run((signal) => pipeStream(call, forwarding, path, signal)).then(
-      () => call.end(),
-      (error: unknown) => {
-        // A caller who cancelled hears nothing more.
-        if (!call.cancelled) call.emit('error', asCallbackStatus(statusOf(error, forwarding.logger, path)));
-      },
-    );
+    forwarding.inFlight
+      .run((signal) => pipeStream(call, forwarding, path, signal))
+      .then(
+        () => call.end(),
+        (error: unknown) => {
+          // A caller who cancelled hears nothing more.
+          if (!call.cancelled) call.emit('error', asCallbackStatus(statusOf(error, forwarding.logger, path)));
+        },
+      );
   };
 }
 
-function pipeStream(call: ServerWritableStream<Buffer, Buffer>, forwarding: Forwarding, path: string, signal: AbortSignal): Promise<void> {
-  const upstream = forwarding.link.current().serverStream(path, call.request, sidecarMetadata(call), callOptions(call, forwarding));
+function pipeStream(
+  call: ServerWritableStream<Buffer, Buffer>,
+  forwarding: Forwarding,
+  path: string,
+  signal: AbortSignal,
+): Promise<void> {
+  const upstream = forwarding.link
+    .current()
+    .serverStream(path, call.request, sidecarMetadata(call), callOptions(call, forwarding));
   return new Promise<void>((resolve, reject) => {
     const onAbort = (): void => {
       reject(signal.reason as Error);
@@ -152,7 +170,10 @@ function effectiveDeadline(call: IncomingCall, timeoutMs: number): number {
 function statusOf(error: unknown, logger: Logger, path: string): CallStatus {
   const status = failureStatus(error);
   if (status) return status;
-  logger.error('call failed in the gateway', { method: path, error: error instanceof Error ? (error.stack ?? error.message) : String(error) });
+  logger.error('call failed in the gateway', {
+    method: path,
+    error: error instanceof Error ? (error.stack ?? error.message) : String(error),
+  });
   return statusError(GrpcStatus.INTERNAL, String(error), 'INTERNAL');
 }
 

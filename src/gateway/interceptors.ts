@@ -142,7 +142,8 @@ export function callLogging(logger: Logger, production: boolean): ServerIntercep
 
 /** Every failed status leaves with an ErrorInfo (see withErrorInfo). */
 export function errorDetails(): ServerInterceptor {
-  return (_method, call) => new ServerInterceptingCall(call, { sendStatus: (status, passOn) => passOn(withErrorInfo(status)) });
+  return (_method, call) =>
+    new ServerInterceptingCall(call, { sendStatus: (status, passOn) => passOn(withErrorInfo(status)) });
 }
 
 /**

@@ -10,7 +10,10 @@ import type { Logger } from '../log';
 /** Whether a listen address (`host:port`, `[v6]:port`, `unix:...`) is reachable only from here. */
 export function isLoopback(listen: string): boolean {
   if (listen.startsWith('unix:')) return true;
-  const host = listen.slice(0, listen.lastIndexOf(':')).replace(/^\[|\]$/g, '').toLowerCase();
+  const host = listen
+    .slice(0, listen.lastIndexOf(':'))
+    .replace(/^\[|\]$/g, '')
+    .toLowerCase();
   return host === 'localhost' || host === '::1' || /^127(\.\d{1,3}){3}$/.test(host);
 }
 

@@ -73,24 +73,43 @@ export class SidecarClient {
    * serialized response. A failed call rejects with the sidecar's ServiceError, trailers included;
    * aborting `signal` cancels the call and rejects with the signal's reason.
    */
-  unary(path: string, request: Buffer, metadata: Metadata, options: Partial<CallOptions>, signal?: AbortSignal): Promise<Buffer> {
+  unary(
+    path: string,
+    request: Buffer,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    signal?: AbortSignal,
+  ): Promise<Buffer> {
     return new Promise((resolve, reject) => {
       if (signal?.aborted) return reject(signal.reason as Error);
       const onAbort = (): void => {
         reject(signal?.reason as Error);
         call.cancel();
       };
-      const call: ClientUnaryCall = this.channel.makeUnaryRequest(path, identity, identity, request, metadata, options, (error, response) => {
-        signal?.removeEventListener('abort', onAbort);
-        if (error) reject(error);
-        else resolve(response as Buffer);
-      });
+      const call: ClientUnaryCall = this.channel.makeUnaryRequest(
+        path,
+        identity,
+        identity,
+        request,
+        metadata,
+        options,
+        (error, response) => {
+          signal?.removeEventListener('abort', onAbort);
+          if (error) reject(error);
+          else resolve(response as Buffer);
+        },
+      );
       signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
 
   /** Calls a server-streaming method with a serialized request; the caller reads, and cancels, the stream. */
-  serverStream(path: string, request: Buffer, metadata: Metadata, options: Partial<CallOptions>): ClientReadableStream<Buffer> {
+  serverStream(
+    path: string,
+    request: Buffer,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+  ): ClientReadableStream<Buffer> {
     return this.channel.makeServerStreamRequest(path, identity, identity, request, metadata, options);
   }
 

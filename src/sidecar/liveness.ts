@@ -21,7 +21,11 @@ export interface LivenessSettings {
  * NOT_SERVING included (a sidecar shutting down still answers), resets the count. Returns a
  * function that stops the checks.
  */
-export function watchLiveness(address: string, settings: LivenessSettings, onWedged: (reason: string) => void): () => void {
+export function watchLiveness(
+  address: string,
+  settings: LivenessSettings,
+  onWedged: (reason: string) => void,
+): () => void {
   const client = new SidecarClient(address);
   let misses = 0;
   let stopped = false;

@@ -151,7 +151,9 @@ export class SidecarProcess {
         `cannot run the sidecar's python: ${this.spawnError.message} (set sidecar.python or GOLEM_PYTHON)`,
       );
     }
-    return new SidecarStartError(`sidecar exited (${describeExit(this.exitInfo)}) before it was ready: ${this.lastOutput()}`);
+    return new SidecarStartError(
+      `sidecar exited (${describeExit(this.exitInfo)}) before it was ready: ${this.lastOutput()}`,
+    );
   }
 }
 

@@ -9,7 +9,12 @@ import path from 'node:path';
 import { PACKAGE_ROOT } from '../../src/config';
 
 export const GOLEM = path.join(PACKAGE_ROOT, 'bin', 'golem.js');
-export const CLI_ENV: NodeJS.ProcessEnv = { ...process.env, HF_HUB_OFFLINE: '1', GOLEM_ADDRESS: '', GOLEM_AUTH_TOKEN: '' };
+export const CLI_ENV: NodeJS.ProcessEnv = {
+  ...process.env,
+  HF_HUB_OFFLINE: '1',
+  GOLEM_ADDRESS: '',
+  GOLEM_AUTH_TOKEN: '',
+};
 
 /** The command runs from dist/: build it from the sources under test. */
 export function buildCli(): void {

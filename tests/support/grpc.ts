@@ -67,7 +67,12 @@ const asBytes = (raw: Buffer): Buffer => raw;
  * Sends raw bytes as the request of any method, as a misbehaving client would (or one that must
  * not re-encode, for a uint64 beyond 2^53); the reply is taken as raw bytes too.
  */
-export function rawCall(address: string, method: string, bytes: Buffer | Uint8Array, options: RawCallOptions = {}): Promise<RawResult> {
+export function rawCall(
+  address: string,
+  method: string,
+  bytes: Buffer | Uint8Array,
+  options: RawCallOptions = {},
+): Promise<RawResult> {
   const { metadata = new Metadata(), responseStream = false, ...callOptions } = options;
   const client = new Client(address, credentials.createInsecure());
   const result: RawResult = { messages: [] };
@@ -96,7 +101,10 @@ export function rawCall(address: string, method: string, bytes: Buffer | Uint8Ar
   });
 }
 
-export function examClient(address: string, creds: ChannelCredentials = credentials.createInsecure()): ExamServiceClient {
+export function examClient(
+  address: string,
+  creds: ChannelCredentials = credentials.createInsecure(),
+): ExamServiceClient {
   return new ExamServiceClient(address, creds);
 }
 

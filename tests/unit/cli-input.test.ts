@@ -84,7 +84,9 @@ describe('parseExamInput', () => {
   it('refuses a seed beyond uint64, and big integers in fields that are not 64-bit', () => {
     expect(violations('{"seed": 18446744073709551616}')).toEqual([expect.stringMatching(/^seed: .*out of range/)]);
     expect(violations('{"seed": -1}')).toEqual([expect.stringMatching(/^seed: /)]);
-    expect(violations('{"maxNewTokens": 9007199254740993}')).toEqual([expect.stringMatching(/^maxNewTokens: .*out of range/)]);
+    expect(violations('{"maxNewTokens": 9007199254740993}')).toEqual([
+      expect.stringMatching(/^maxNewTokens: .*out of range/),
+    ]);
     expect(violations('{"prompt": 9007199254740993}')).toEqual([expect.stringMatching(/^prompt: expected string/)]);
   });
 
@@ -103,7 +105,8 @@ describe('parseExamInput', () => {
   });
 
   it('maps the sampling keys onto the request', () => {
-    const text = '{"temperature": 0.5, "topP": 0.75, "topK": 5, "seed": 42, "stop": ["\\n"], "repetitionPenalty": 1.5, "adapterName": "genres"}';
+    const text =
+      '{"temperature": 0.5, "topP": 0.75, "topK": 5, "seed": 42, "stop": ["\\n"], "repetitionPenalty": 1.5, "adapterName": "genres"}';
     expect(request(text)).toEqual({
       temperature: 0.5,
       topP: 0.75,
@@ -139,17 +142,19 @@ describe('parseExamInput', () => {
   });
 
   it('names every bad key at once', () => {
-    expect(violations('{"prompt": 1, "maxNewTokens": "x", "nope": 0}').map((v) => v.split(':')[0]).sort()).toEqual([
-      'maxNewTokens',
-      'nope',
-      'prompt',
-    ]);
+    expect(
+      violations('{"prompt": 1, "maxNewTokens": "x", "nope": 0}')
+        .map((v) => v.split(':')[0])
+        .sort(),
+    ).toEqual(['maxNewTokens', 'nope', 'prompt']);
   });
 });
 
 describe('parseCompareInput', () => {
   it("takes CompareAdaptersRequest's proto3 JSON", () => {
-    expect(request('{"prompts": ["a", "b"], "adapters": ["x"], "modelName": "m", "maxNewTokens": 3}', parseCompareInput)).toEqual({
+    expect(
+      request('{"prompts": ["a", "b"], "adapters": ["x"], "modelName": "m", "maxNewTokens": 3}', parseCompareInput),
+    ).toEqual({
       prompts: ['a', 'b'],
       adapters: ['x'],
       modelName: 'm',
@@ -159,6 +164,8 @@ describe('parseCompareInput', () => {
 
   it('refuses keys CompareAdaptersRequest does not have, such as the old prompt shorthand', () => {
     expect(violations('{"prompt": "a", "adapters": ["x"]}', parseCompareInput)).toEqual(['prompt: unknown key']);
-    expect(violations('{"prompts": "a", "adapters": ["x"]}', parseCompareInput)).toEqual([expect.stringMatching(/^prompts: /)]);
+    expect(violations('{"prompts": "a", "adapters": ["x"]}', parseCompareInput)).toEqual([
+      expect.stringMatching(/^prompts: /),
+    ]);
   });
 });

@@ -59,11 +59,26 @@ describe('loadConfig', () => {
 
   it('fills keys added later with their defaults, so older config files still load', () => {
     const file = writeConfig('old.json', (raw) => {
-      for (const key of ['maxRestarts', 'restartBackoffMs', 'restartBackoffMaxMs', 'healthIntervalMs', 'healthTimeoutMs', 'healthFailures']) {
+      for (const key of [
+        'maxRestarts',
+        'restartBackoffMs',
+        'restartBackoffMaxMs',
+        'healthIntervalMs',
+        'healthTimeoutMs',
+        'healthFailures',
+      ]) {
         delete raw.sidecar[key];
       }
-      for (const key of ['shutdownGraceMs', 'maxMessageBytes', 'maxInputBytes', 'maxModels', 'handshakeTimeoutMs']) delete raw.limits[key];
-      for (const key of ['authTokenEnv', 'tlsCertFile', 'tlsKeyFile', 'adapterRoots', 'modelRoots', 'allowHubDownloads']) {
+      for (const key of ['shutdownGraceMs', 'maxMessageBytes', 'maxInputBytes', 'maxModels', 'handshakeTimeoutMs'])
+        delete raw.limits[key];
+      for (const key of [
+        'authTokenEnv',
+        'tlsCertFile',
+        'tlsKeyFile',
+        'adapterRoots',
+        'modelRoots',
+        'allowHubDownloads',
+      ]) {
         delete raw.security[key];
       }
     });

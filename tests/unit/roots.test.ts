@@ -23,7 +23,10 @@ describe('sidecarConfig', () => {
 
   it('leaves empty roots alone on loopback', () => {
     const { logger, lines } = captureLogs();
-    expect(sidecarConfig(config, '127.0.0.1:50051', logger).security).toMatchObject({ adapterRoots: [], modelRoots: [] });
+    expect(sidecarConfig(config, '127.0.0.1:50051', logger).security).toMatchObject({
+      adapterRoots: [],
+      modelRoots: [],
+    });
     expect(lines()).toEqual([]);
   });
 
