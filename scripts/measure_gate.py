@@ -1,8 +1,9 @@
 """Issue 7's memory checks against a real sidecar on the embedded default, each with its RSS:
 
-1. CompareAdapters with a 1,500-token prompt and eight spellings of one adapter folder;
-2. the same prompt compared against the adapter once (the sidecar's RSS peak while it runs);
-3. 6,000 TakeExam requests naming distinct missing models (half local paths, half hub ids).
+1. 6,000 TakeExam requests naming distinct missing models (half local paths, half hub ids):
+   RSS before and after;
+2. CompareAdapters with a 1,500-token prompt and eight spellings of one adapter folder;
+3. the same prompt compared against the adapter once (the sidecar's RSS peak while it runs).
 
 Usage: .venv/bin/python scripts/measure_gate.py [--requests 6000]. Run it on an idle machine.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -97,6 +99,42 @@ async def main(requests: int) -> dict[str, object]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = exam_pb2_grpc.ExamServiceStub(channel)
             await stub.TakeExam(exam_pb2.TakeExamRequest(), timeout=120)
+            # Warm up first (a few of each kind), so the baseline is the steady state.
+            for i in range(-20, 0):
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.TakeExam(
+                        exam_pb2.TakeExamRequest(
+                            model_name=f"golem-test/warm{i}", disable_adapter=True
+                        ),
+                        timeout=120,
+                    )
+            before = rss_mib(proc.pid)
+            started = time.perf_counter()
+            codes: dict[str, int] = {}
+            sem = asyncio.Semaphore(16)
+
+            async def one(i: int) -> None:
+                name = f"./missing/model-{i}" if i % 2 else f"golem-test/missing-{i}"
+                async with sem:
+                    try:
+                        await stub.TakeExam(
+                            exam_pb2.TakeExamRequest(model_name=name, disable_adapter=True),
+                            timeout=120,
+                        )
+                        codes["OK"] = codes.get("OK", 0) + 1
+                    except grpc.aio.AioRpcError as err:
+                        codes[err.code().name] = codes.get(err.code().name, 0) + 1
+
+            await asyncio.gather(*(one(i) for i in range(requests)))
+            after = rss_mib(proc.pid)
+            results["missing_models"] = {
+                "requests": requests,
+                "codes": codes,
+                "rss_before_mib": round(before, 1),
+                "rss_after_mib": round(after, 1),
+                "change_percent": round(100 * (after - before) / before, 2),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             # About 1,500 tokens of SmolLM2's tokenizer.
             prompt = "Instruction: Which genre is " + "the hobbit, " * 500 + "?\nResponse:"
             spellings = [
@@ -142,33 +180,6 @@ async def main(requests: int) -> dict[str, object]:
                 "growth_mib": round(peak.peak - before),
                 "seconds": round(time.perf_counter() - started, 1),
                 "scored_models": len(scored),
-            }
-            before = rss_mib(proc.pid)
-            started = time.perf_counter()
-            codes: dict[str, int] = {}
-            sem = asyncio.Semaphore(16)
-
-            async def one(i: int) -> None:
-                name = f"./missing/model-{i}" if i % 2 else f"golem-test/missing-{i}"
-                async with sem:
-                    try:
-                        await stub.TakeExam(
-                            exam_pb2.TakeExamRequest(model_name=name, disable_adapter=True),
-                            timeout=120,
-                        )
-                        codes["OK"] = codes.get("OK", 0) + 1
-                    except grpc.aio.AioRpcError as err:
-                        codes[err.code().name] = codes.get(err.code().name, 0) + 1
-
-            await asyncio.gather(*(one(i) for i in range(requests)))
-            after = rss_mib(proc.pid)
-            results["missing_models"] = {
-                "requests": requests,
-                "codes": codes,
-                "rss_before_mib": round(before, 1),
-                "rss_after_mib": round(after, 1),
-                "change_percent": round(100 * (after - before) / before, 2),
-                "seconds": round(time.perf_counter() - started, 1),
             }
         return results
     finally:

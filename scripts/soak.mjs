@@ -76,7 +76,7 @@ const KINDS = [
   { name: 'message over 1 MiB', weight: 1, sidecar: false, code: 'RESOURCE_EXHAUSTED', request: () => ({ prompt: 'x'.repeat((1 << 20) + 10) }) },
   // An idle sidecar may beat a 20 ms deadline; a busy one never does.
   { name: 'deadline 20 ms', weight: 1, sidecar: true, code: 'DEADLINE_EXCEEDED', alsoOk: true, deadlineMs: 20, request: () => ({ maxNewTokens: 4 }) },
-  { name: 'bytes that do not parse', weight: 1, sidecar: false, code: 'INTERNAL', raw: ['/golem.exam.v1.ExamService/TakeExam', Buffer.from([0x0a, 0x80, 0x80, 0x80, 0x80, 0x01, 0x61])] },
+  { name: 'bytes that do not parse', weight: 1, sidecar: true, code: 'INVALID_ARGUMENT', raw: ['/golem.exam.v1.ExamService/TakeExam', Buffer.from([0x0a, 0x80, 0x80, 0x80, 0x80, 0x01, 0x61])] },
   { name: 'unknown method', weight: 1, sidecar: false, code: 'UNIMPLEMENTED', raw: ['/golem.exam.v1.ExamService/Nope', Buffer.alloc(0)] },
 ];
 const ONLY = args.only?.split(',');

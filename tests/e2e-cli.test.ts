@@ -121,6 +121,13 @@ describe('golem CLI end to end', () => {
     const load = await golem(['adapters', 'load', 'cli_b', models.adapter_b, '--address', address]);
     expect(load.code).toBe(0);
     expect(load.json).toMatchObject({ status: 'success', exitCode: 0, detail: { adapter: { name: 'cli_b' } } });
+    // Other weights under the taken name: refused, exit 10; the name keeps its weights.
+    const taken = await golem(['adapters', 'load', 'cli_b', models.adapter, '--address', address]);
+    expect(taken.code).toBe(10);
+    expect(taken.json).toMatchObject({
+      exitCode: 10,
+      detail: { code: 'ALREADY_EXISTS', reason: 'ADAPTER_NAME_TAKEN' },
+    });
     const list = await golem(['adapters', 'list', '--address', address]);
     expect(list.code).toBe(0);
     expect(JSON.stringify(list.json.detail)).toContain('"cli_b"');

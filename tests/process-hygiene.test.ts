@@ -86,7 +86,12 @@ describe('process hygiene', () => {
   });
 
   it('SIGTERM of a one-shot golem exam stops its gateway and sidecar, removes the socket folder, prints CANCELLED, exits 1', async () => {
-    const config = writeConfig('one-shot.json', (c) => ({ ...c, limits: { ...c.limits, maxNewTokensCap: 1900 } }));
+    // Debug level: the gateway logs "call started" as it forwards the call.
+    const config = writeConfig('one-shot.json', (c) => ({
+      ...c,
+      logLevel: 'debug',
+      limits: { ...c.limits, maxNewTokensCap: 1900 },
+    }));
     // Nothing listens there: exam starts its own gateway and sidecar.
     const address = `127.0.0.1:${await freePort()}`;
     // Seconds of generation on the tiny model: still running when the signal comes.
@@ -96,7 +101,7 @@ describe('process hygiene', () => {
     const pid = sidecarPid(daemon);
     const socketDir = sidecarSocketDir(daemon);
     strays.push(pid);
-    await waitFor(logged('take exam'), 10000, 'the call forwarded');
+    await waitFor(logged('call started'), 10000, 'the call forwarded');
 
     daemon.child.kill('SIGTERM');
     expect(await daemon.exited).toBe(1);

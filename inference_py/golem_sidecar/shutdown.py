@@ -58,9 +58,11 @@ class CallGate:
             )
         finally:
             expiry.cancel()
-            # Also reached when the caller itself cancels: the work must not outlive its call.
+            # Also reached when the caller itself cancels: the work must not outlive its call,
+            # and it has finished (its own clean-up run) before the caller's clean-up begins.
             if not task.done():
                 task.cancel()
+                await asyncio.wait({task})
 
     async def close(self, grace_s: float) -> int:
         """Refuses new calls and waits up to ``grace_s`` for those in flight; returns how many

@@ -13,6 +13,7 @@
  * | 7    | RESOURCE_EXHAUSTED: e.g. out of memory, message too large; back off  |
  * | 8    | PERMISSION_DENIED: e.g. a path outside security.adapterRoots         |
  * | 9    | UNAUTHENTICATED: missing or wrong bearer token                       |
+ * | 10   | ALREADY_EXISTS: an adapter name that holds other weights             |
  */
 import { status as GrpcStatus } from '@grpc/grpc-js';
 
@@ -27,6 +28,7 @@ export const ExitCode = {
   RESOURCE_EXHAUSTED: 7,
   PERMISSION_DENIED: 8,
   UNAUTHENTICATED: 9,
+  ALREADY_EXISTS: 10,
 } as const;
 
 export type ExitCode = (typeof ExitCode)[keyof typeof ExitCode];
@@ -41,6 +43,7 @@ const BY_STATUS: ReadonlyMap<GrpcStatus, ExitCode> = new Map([
   [GrpcStatus.RESOURCE_EXHAUSTED, ExitCode.RESOURCE_EXHAUSTED],
   [GrpcStatus.PERMISSION_DENIED, ExitCode.PERMISSION_DENIED],
   [GrpcStatus.UNAUTHENTICATED, ExitCode.UNAUTHENTICATED],
+  [GrpcStatus.ALREADY_EXISTS, ExitCode.ALREADY_EXISTS],
 ]);
 
 /** The exit code for a gRPC status code. */

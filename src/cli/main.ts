@@ -31,7 +31,7 @@ exam sends the token in $GOLEM_AUTH_TOKEN (or security.authTokenEnv) when set, a
   when --tls-ca or $GOLEM_TLS_CA names the CA (or self-signed certificate) to trust.
 exit codes: 0 success, 1 other failure, 2 invalid input, 3 not found,
   4 failed precondition, 5 unavailable, 6 deadline exceeded, 7 resource exhausted,
-  8 permission denied, 9 unauthenticated`;
+  8 permission denied, 9 unauthenticated, 10 already exists`;
 
 /** Runs the command line (without `node` and the script) and returns the exit code. */
 export async function main(argv: string[]): Promise<number> {

@@ -34,6 +34,7 @@ describe('loadConfig', () => {
       maxQueue: 256,
       maxAdapters: 8,
       maxModels: 2,
+      maxBatchTokens: 65536,
       handshakeTimeoutMs: 10000,
     });
     expect(config.sidecar).toMatchObject({

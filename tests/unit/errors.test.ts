@@ -46,6 +46,9 @@ describe('exitCodeForStatus', () => {
     [status.UNAVAILABLE, 5],
     [status.DEADLINE_EXCEEDED, 6],
     [status.RESOURCE_EXHAUSTED, 7],
+    [status.PERMISSION_DENIED, 8],
+    [status.UNAUTHENTICATED, 9],
+    [status.ALREADY_EXISTS, 10],
     [status.INTERNAL, 1],
     [status.CANCELLED, 1],
   ])('maps gRPC code %s to exit %s', (code, exit) => {
