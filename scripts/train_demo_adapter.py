@@ -26,6 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from golem_sidecar.config import Security
+from golem_sidecar.gate import resolve_model
 from golem_sidecar.loading import load_model, load_tokenizer
 from golem_sidecar.placement import Placement
 
@@ -69,8 +70,10 @@ def load_base(model_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     """The GGUF base (dequantized to float32) and its tokenizer, loaded exactly as the sidecar
     loads them, eos and pad included."""
     security = Security()
-    tokenizer = load_tokenizer(str(model_file), security)
-    model = load_model(str(model_file), Placement("cpu", "float32", load_in_4bit=False), security)
+    # Resolved by the sidecar's own gate, as a request naming this file would be.
+    base = resolve_model("model", str(model_file), security, is_resident=lambda key: False)
+    tokenizer = load_tokenizer(base, security)
+    model = load_model(base, Placement("cpu", "float32", load_in_4bit=False), security)
     return model, tokenizer
 
 
