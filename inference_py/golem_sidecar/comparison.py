@@ -17,7 +17,7 @@ from golem_sidecar.gen import exam_pb2
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import split_passes
 from golem_sidecar.paths import as_path, kind
-from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
+from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.scoring import ScoreItem, mean_logprobs
 
 MAX_PROMPTS = 8
@@ -76,7 +76,7 @@ def resolve_compare(
     model_name = request.model_name if request.HasField("model_name") else defaults.model_name
     return CompareSpec(
         model=resolve_model("model_name", model_name, config.security, is_resident),
-        placement=resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization),
+        placement=default_placement(defaults),
         prompts=prompts,
         models=models,
         max_new_tokens=max_new_tokens(request, config),

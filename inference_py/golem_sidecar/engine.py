@@ -26,7 +26,7 @@ from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.grading import Grade, grade
 from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import split_passes
-from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
+from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
 
 log = logging.getLogger(__name__)
@@ -268,10 +268,6 @@ class ExamEngine:
             adapter=item.adapter,
         )
 
-    def _default_placement(self) -> Placement:
-        defaults = self._config.defaults
-        return resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
-
     async def load_adapter(self, spec: LoadSpec) -> tuple[ResidentBase, str, int]:
         """Attaches an adapter under a name (on the model thread, between batches)."""
 
@@ -344,7 +340,7 @@ class ExamEngine:
         defaults, security = self._config.defaults, self._config.security
         # Requests that leave model_name out go through the gate; so does the model they get.
         model = resolve_model("model_name", defaults.model_name, security, self.is_resident)
-        base, _ = self._models.base(model, self._default_placement())
+        base, _ = self._models.base(model, default_placement(defaults))
         adapter = _default_adapter(defaults.adapter_path, security)
         if adapter is not None:
             self._models.adapter(base, adapter)

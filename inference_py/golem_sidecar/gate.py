@@ -47,10 +47,6 @@ class ModelRef:
     name: str
     key: str
 
-    @property
-    def is_local(self) -> bool:
-        return Path(self.key).is_absolute()
-
 
 def text_field(field: str, value: str, max_chars: int = MAX_TEXT_CHARS) -> str:
     """A caller's text that must not be blank and has a bound."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from golem_sidecar.config import QuantizationDefault, normalize_compute_dtype
+from golem_sidecar.config import Defaults, QuantizationDefault, normalize_compute_dtype
 from golem_sidecar.errors import GolemError, failed_precondition, invalid_argument
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -112,6 +112,11 @@ def resolve_placement(
             raise _quantization_unavailable(why, device)
         return Placement(device=device, dtype=compute, load_in_4bit=True, compute_dtype=compute)
     return Placement(device=device, dtype=_full_precision_dtype(device), load_in_4bit=False)
+
+
+def default_placement(defaults: Defaults) -> Placement:
+    """The placement of requests that name none (LoadAdapter, CompareAdapters, preloading)."""
+    return resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
 
 
 def _quantization_unavailable(why: str, device: str) -> GolemError:

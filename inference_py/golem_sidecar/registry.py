@@ -12,7 +12,7 @@ from golem_sidecar.exam import check_adapter_name
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.gen import exam_pb2
 from golem_sidecar.models import MADE_UP_PREFIX
-from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
+from golem_sidecar.placement import Placement, default_placement
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _base(
     defaults = config.defaults
     name = request.model_name if request.HasField("model_name") else defaults.model_name
     model = resolve_model("model_name", name, config.security, is_resident)
-    placement = resolve_placement(defaults.device, QuantizationRequest(), defaults.quantization)
+    placement = default_placement(defaults)
     return model, placement
 
 
