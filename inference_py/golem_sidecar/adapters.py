@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from peft.config import PromptLearningConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors import SafetensorError, safe_open
 
 from golem_sidecar.errors import GolemError, failed_precondition, not_found
@@ -19,6 +21,9 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 # peft's special target that means "every linear layer but the output head".
 ALL_LINEAR = "all-linear"
+# The adapter types served, any mix of them on one base (lanes.py). LoRA includes its DoRA and
+# rsLoRA variants.
+SERVED_TYPES = ("LORA", "IA3", "LOHA", "LOKR", "ADALORA")
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ def check_adapter_folder(
     Refusals, in the order they are checked: PATH_OUTSIDE_ROOTS (PERMISSION_DENIED),
     ADAPTER_NOT_FOUND (NOT_FOUND), ADAPTER_NOT_A_DIRECTORY (INVALID_ARGUMENT), then
     FAILED_PRECONDITION with ADAPTER_CONFIG_MISSING, ADAPTER_CONFIG_INVALID,
-    ADAPTER_PICKLE_REFUSED, ADAPTER_WEIGHTS_MISSING or ADAPTER_WEIGHTS_CORRUPT.
+    ADAPTER_TYPE_UNSUPPORTED, ADAPTER_PICKLE_REFUSED, ADAPTER_WEIGHTS_MISSING or
+    ADAPTER_WEIGHTS_CORRUPT.
     """
     confine(path, roots, field)
     folder = as_path(path)
@@ -71,6 +77,7 @@ def check_adapter_folder(
         if kind(folder / name) is not None:
             confine(str(folder / name), roots, field)
     config = _read_adapter_config(folder, path, field)
+    _check_served_type(config, path, field)
     weights = _check_weights(folder, path, allow_pickle, field)
     return AdapterFolder(
         path=path,
@@ -115,6 +122,31 @@ def _read_adapter_config(folder: Path, path: str, field: str) -> dict[str, objec
             f'{CONFIG_FILE} in "{path}" is not a PEFT config (no "peft_type")',
         )
     return config
+
+
+def _check_served_type(config: dict[str, object], path: str, field: str) -> None:
+    """Refuses, before anything loads, an adapter of a type golem does not serve, naming it."""
+    peft_type = str(config["peft_type"])
+    served = "LORA (with DoRA and rsLoRA), IA3, LOHA, LOKR and ADALORA"
+    if peft_type in SERVED_TYPES and not config.get("alora_invocation_tokens"):
+        return
+    if peft_type == "LORA":
+        why = "an activated LoRA (aLoRA, alora_invocation_tokens), which is not served"
+    elif _is_prompt_learning(peft_type):
+        why = (
+            f"a {peft_type} adapter: prompt-learning adapters, which prepend learned virtual "
+            "tokens instead of changing the base's layers, are not served"
+        )
+    else:
+        why = f"a {peft_type} adapter, a type golem does not serve"
+    raise failed_precondition(
+        field, "ADAPTER_TYPE_UNSUPPORTED", f'"{path}" is {why}; golem serves {served}'
+    )
+
+
+def _is_prompt_learning(peft_type: str) -> bool:
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    return config_class is not None and issubclass(config_class, PromptLearningConfig)
 
 
 def _check_weights(folder: Path, path: str, allow_pickle: bool, field: str) -> Path:

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.config import SidecarConfig
-from golem_sidecar.decoding import BASE_ADAPTER, Row, decode_batch, eos_ids, pad_id
+from golem_sidecar.decoding import Row, decode_batch, eos_ids, pad_id
 from golem_sidecar.errors import caller_gone, invalid_argument
 from golem_sidecar.exam import ADAPTER_NAME, max_new_tokens
 from golem_sidecar.gate import ModelRef, path_field, resolve_adapter, resolve_model, text_field
 from golem_sidecar.gen import exam_pb2
+from golem_sidecar.lanes import BASE_ADAPTER, group_by_lane
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import split_passes
 from golem_sidecar.paths import as_path, kind
@@ -131,10 +132,11 @@ def run_comparison(
     def width(row: Row) -> int:
         return len(row.prompt_ids) + spec.max_new_tokens
 
-    for group in split_passes(rows, width, max_batch, max_tokens):
-        if cancelled.is_set():
-            raise caller_gone()
-        decode_batch(base.model, base.tokenizer, group, base.input_device, base.is_peft)
+    for lane, members in group_by_lane(rows, lambda row: row.adapter, base.lane):
+        for group in split_passes(members, width, max_batch, max_tokens):
+            if cancelled.is_set():
+                raise caller_gone()
+            decode_batch(lane, base.tokenizer, group, base.input_device)
     _score(base, table, labels, names, max_batch, max_tokens, cancelled)
     return table
 
@@ -183,11 +185,10 @@ def _score(
                 items.append(ScoreItem(answer.row.prompt_ids, tokens, name))
                 owners.append((answer, label))
     scores = mean_logprobs(
-        base.model,
+        base.lane,
         items,
         pad_id(base.tokenizer),
         base.input_device,
-        base.is_peft,
         (max_batch, max_tokens),
         cancelled,
     )

@@ -1,7 +1,7 @@
 """Decoding a batch of rows together, one token step at a time, on one resident base.
 
-Each row has its own prompt, adapter (peft's mixed adapter batches: ``adapter_names``), sampling
-settings, stop sequences, token budget and cancel flag, so batching never changes an answer:
+All rows of a batch are in one lane (lanes.py): one module serves them all, routing each to
+its adapter where peft can. Each row has its own prompt, adapter, sampling settings, stop sequences, token budget and cancel flag, so batching never changes an answer:
 greedy rows give exactly what they give alone. Rows that finish leave the batch (their slice of
 the KV cache is dropped) so the others run on without them.
 """
@@ -18,9 +18,9 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from golem_sidecar.errors import GolemError, invalid_argument
+from golem_sidecar.lanes import Lane
 from golem_sidecar.sampling import NonFiniteScores, SamplingParams, choose_next, make_generator
 
-BASE_ADAPTER = "__base__"
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
@@ -139,8 +139,8 @@ def _left_pad(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 class _Batch:
     """The tensors of the rows still decoding: shrinks as rows finish."""
 
-    def __init__(self, model: Any, rows: list[Row], pad_id: int, device: Any, peft: bool):
-        self.model, self.rows, self.peft = model, rows, peft
+    def __init__(self, lane: Lane, rows: list[Row], pad_id: int, device: Any):
+        self.lane, self.rows = lane, rows
         ids, mask = _left_pad(rows, pad_id)
         self.mask = mask.to(device)
         # Positions count real tokens only, so a padded row sees the positions it would alone.
@@ -149,17 +149,14 @@ class _Batch:
         self.logits = self._forward(ids.to(device), self.positions)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        extra: dict[str, Any] = {}
-        if self.peft:
-            extra["adapter_names"] = [r.adapter or BASE_ADAPTER for r in self.rows]
-        out = self.model(
+        out = self.lane(
+            [r.adapter for r in self.rows],
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=positions,
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
-            **extra,
         )
         return out.logits[:, -1, :]
 
@@ -186,13 +183,14 @@ class _Batch:
 
 
 def decode_batch(
-    model: Any, tokenizer: PreTrainedTokenizerBase, rows: list[Row], device: Any, peft: bool
+    lane: Lane, tokenizer: PreTrainedTokenizerBase, rows: list[Row], device: Any
 ) -> None:
-    """Runs every row to its end (eos, stop sequence, token budget or cancellation)."""
-    eos = eos_ids(model, tokenizer)
+    """Runs every row of one lane to its end (eos, stop sequence, token budget or
+    cancellation)."""
+    eos = eos_ids(lane.model, tokenizer)
     generators = {id(r): make_generator(r.params) for r in rows}
     with torch.inference_mode():
-        batch = _Batch(model, rows, pad_id(tokenizer), device, peft)
+        batch = _Batch(lane, rows, pad_id(tokenizer), device)
         while batch.rows:
             tokens = []
             for row, logits in zip(batch.rows, batch.logits, strict=True):

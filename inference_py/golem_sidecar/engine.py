@@ -24,6 +24,7 @@ from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.grading import Grade, grade
+from golem_sidecar.lanes import group_by_lane
 from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import split_passes
 from golem_sidecar.placement import Placement, default_placement
@@ -160,14 +161,15 @@ class ExamEngine:
             prepared = self._prepare(base, batch, started, base_ns, outcomes)
         except GolemError as err:
             return [err for _ in batch]
-        passes = split_passes(prepared, _width, self._limits.max_batch_size, self._max_tokens)
-        for group in passes:
-            rows = [p.row for p in group]
-            decode_started = time.perf_counter_ns()
-            decode_batch(base.model, base.tokenizer, rows, base.input_device, base.is_peft)
-            decode_ns = time.perf_counter_ns() - decode_started
-            for item in group:
-                outcomes[id(item.pending)] = self._result(base, item, decode_ns, len(rows))
+        for lane, items in group_by_lane(prepared, _adapter, base.lane):
+            limits = (self._limits.max_batch_size, self._max_tokens)
+            for group in split_passes(items, _width, *limits):
+                rows = [p.row for p in group]
+                decode_started = time.perf_counter_ns()
+                decode_batch(lane, base.tokenizer, rows, base.input_device)
+                decode_ns = time.perf_counter_ns() - decode_started
+                for item in group:
+                    outcomes[id(item.pending)] = self._result(base, item, decode_ns, len(rows))
         return [outcomes[id(p)] for p in batch]
 
     def _prepare(
@@ -193,12 +195,6 @@ class ExamEngine:
             queue_ns = started - pending.queued_at
             load_ns = pending.load_ns + base_ns + adapter_ns
             prepared.append(_Prepared(pending, row, load_ns, queue_ns, folder))
-        if not self._models.is_resident(base):
-            # A failed first attach can leave layers injected into the base, which is then
-            # dropped: the others must not decode on it, so this batch is prepared again.
-            retry = [p.pending for p in prepared]
-            fresh, reload_ns = self._models.base(base.ref, base.placement)
-            return self._prepare(fresh, retry, started, base_ns + reload_ns, outcomes)
         return prepared
 
     def _adapter_for(
@@ -384,6 +380,10 @@ def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
             extra={"adapter": path, "reason": err.reason},
         )
         return None
+
+
+def _adapter(item: _Prepared) -> str | None:
+    return item.row.adapter
 
 
 def _width(item: _Prepared) -> int:

@@ -1,11 +1,18 @@
 """Resident bases and adapters: each base is loaded once per placement and keeps the adapters
 attached to it, so a repeated request loads nothing.
 
+peft holds one tuner type per wrapped model, so a base keeps one peft wrapper per adapter type
+(LoRA, IA3, LoHa, ...). Each wrapper is built on its own copy of the base's module tree that
+shares every weight tensor with the base (no weight is copied): the cost of a further type is
+its adapters' weights and the module objects of one more tree. The base itself never has peft
+layers injected, so bare rows run on it untouched. lanes.py says which wrapper serves a row.
+
 Only the model worker thread (see engine.py) calls into this module, so it needs no locks.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import re
@@ -16,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from golem_sidecar.adapters import AdapterFolder, missing_targets
 from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError, already_exists, failed_precondition, not_found
 from golem_sidecar.gate import ModelRef
+from golem_sidecar.lanes import Lane
 from golem_sidecar.loading import load_model, load_tokenizer
 from golem_sidecar.placement import Placement
 
@@ -47,8 +55,11 @@ class ResidentBase:
     ref: ModelRef
     placement: Placement
     tokenizer: PreTrainedTokenizerBase
-    # The plain model while no adapter is attached, a PeftModel while any is.
+    # The bare base: peft layers are never injected into it.
     model: Any
+    # Adapter type ("LORA", "IA3", ...) -> the peft wrapper holding that type's adapters, on a
+    # module tree of its own that shares the base's weights.
+    wrappers: dict[str, PeftModel] = field(default_factory=dict)
     # Adapter name -> its folder, least recently used first.
     adapters: OrderedDict[str, AdapterFolder] = field(default_factory=OrderedDict)
     # Weights identity -> adapter name, so every spelling of a folder names one adapter.
@@ -68,12 +79,50 @@ class ResidentBase:
         return self.model.get_input_embeddings().weight.device
 
     @property
-    def is_peft(self) -> bool:
-        return isinstance(self.model, PeftModel)
-
-    @property
     def weight_dtype(self) -> str:
         return str(self.model.dtype).removeprefix("torch.")
+
+    def wrapper_of(self, adapter: str) -> PeftModel:
+        """The wrapper holding a peft adapter name."""
+        return next(w for w in self.wrappers.values() if adapter in w.peft_config)
+
+    def lane(self, adapter: str | None) -> Lane:
+        """How a row wearing this peft adapter (None: the bare base) is served (lanes.py)."""
+        if adapter is None:
+            return Lane(self.model)
+        wrapper = self.wrapper_of(adapter)
+        if routable(wrapper.peft_config[adapter]):
+            return Lane(wrapper, routed=True)
+        return Lane(wrapper, active=adapter)
+
+    def adapter_bytes(self) -> int:
+        """Memory held by the adapters' own tensors (the wrappers share the base's weights)."""
+        shared = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        seen: set[int] = set()
+        total = 0
+        for wrapper in self.wrappers.values():
+            for tensor in itertools.chain(wrapper.parameters(), wrapper.buffers()):
+                if id(tensor) not in shared and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+
+def routable(config: Any) -> bool:
+    """Whether peft can route single rows of a batch to this adapter (``adapter_names``): plain
+    LoRA and rsLoRA can; DoRA and the other tuner types cannot."""
+    # PeftType is a str enum, so it equals its name.
+    return bool(config.peft_type == "LORA" and not getattr(config, "use_dora", False))
+
+
+def sharing_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of the model's module tree whose parameters and buffers are the original's own
+    tensors: peft may inject layers into the copy without touching the original, and no weight
+    is duplicated (tied weights stay tied, 4-bit weights keep their quantization state)."""
+    memo: dict[int, Any] = {
+        id(t): t for t in itertools.chain(model.parameters(), model.buffers())
+    }
+    return copy.deepcopy(model, memo)
 
 
 # Names the registry makes up for adapters used by path. Callers' names must start with a letter
@@ -135,9 +184,6 @@ class ResidentModels:
         )
         return resident, elapsed
 
-    def is_resident(self, base: ResidentBase) -> bool:
-        return any(resident is base for resident in self._bases.values())
-
     def adapter(
         self,
         base: ResidentBase,
@@ -198,11 +244,7 @@ class ResidentModels:
         if base.by_identity.get(folder.identity) == name:
             del base.by_identity[folder.identity]
         base.uses.pop(name, None)
-        if base.adapters:
-            base.model.delete_adapter(peft_name(name))
-        else:
-            # The last adapter gone: take the LoRA layers out and keep the plain base.
-            base.model = base.model.unload()
+        _detach(base, peft_name(name))
         log.info("adapter unloaded", extra={"adapter": name, "path": folder.path})
 
     def resident(self) -> list[ResidentBase]:
@@ -222,49 +264,54 @@ class ResidentModels:
                 self.unload(base, name)
 
     def _attach(self, base: ResidentBase, folder: AdapterFolder, name: str) -> None:
-        """Attaches the adapter, or raises ADAPTER_INCOMPATIBLE (FAILED_PRECONDITION) naming what
-        differs: target modules the base lacks (checked before peft touches the base), tensors
-        whose shapes differ from the base's (peft finds those while loading; the half-attached
-        adapter is then undone), or, when everything fits, a base_model_name_or_path that names
-        another model (the adapter is then detached again)."""
+        """Attaches the adapter to its type's wrapper (made on first use), or raises
+        ADAPTER_INCOMPATIBLE (FAILED_PRECONDITION) naming what differs: target modules the base
+        lacks (checked before peft touches anything), tensors whose shapes differ from the
+        base's (peft finds those while loading; the half-attached adapter is then undone), or,
+        when everything fits, a base_model_name_or_path that names another model (the adapter
+        is then detached again). The bare base is never touched, whatever fails."""
         missing = missing_targets(folder, _module_names(base.model))
         if missing:
             raise _incompatible(
                 folder, base, f"it targets modules the base lacks: {', '.join(missing)}"
             )
-        first = not isinstance(base.model, PeftModel)
+        adapter = peft_name(name)
+        wrapper = base.wrappers.get(folder.peft_type)
         try:
-            if first:
-                base.model = PeftModel.from_pretrained(
-                    base.model,
+            if wrapper is None:
+                wrapper = PeftModel.from_pretrained(
+                    sharing_weights(base.model),
                     str(folder.resolved),
-                    adapter_name=peft_name(name),
+                    adapter_name=adapter,
                     is_trainable=False,
                 )
+                base.wrappers[folder.peft_type] = wrapper
             else:
-                base.model.load_adapter(str(folder.resolved), adapter_name=peft_name(name))
+                wrapper.load_adapter(str(folder.resolved), adapter_name=adapter, is_trainable=False)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            self._undo_attach(base, name, first)
-            raise _incompatible(folder, base, _what_differs(exc, peft_name(name))) from exc
-        base.model.eval()
+            if wrapper is not None and adapter in wrapper.peft_config:
+                _detach(base, adapter)
+            raise _incompatible(folder, base, _what_differs(exc, adapter)) from exc
+        wrapper.eval()
         recorded = folder.base_model_name_or_path
         if not same_base(recorded, base.model_name):
-            # It fits tensor for tensor, so taking it off again leaves the base as it was.
-            if first:
-                base.model = base.model.unload()
-            else:
-                base.model.delete_adapter(peft_name(name))
+            # It fits tensor for tensor, so taking it off again leaves the wrapper as it was.
+            _detach(base, adapter)
             raise _incompatible(
                 folder, base, f'it was trained on "{recorded}", another model than this base'
             )
 
-    def _undo_attach(self, base: ResidentBase, name: str, first: bool) -> None:
-        """Never leave a half-loaded adapter: a failed first attach may have injected layers into
-        the base itself, so that base is dropped and reloaded on next use."""
-        if first:
-            self._bases.pop(base.key, None)
-        elif peft_name(name) in base.model.peft_config:
-            base.model.delete_adapter(peft_name(name))
+
+def _detach(base: ResidentBase, adapter: str) -> None:
+    """Takes a peft adapter off its wrapper; a wrapper left with none is dropped whole (its
+    module tree goes, the shared weights stay with the base)."""
+    for kind, wrapper in list(base.wrappers.items()):
+        if adapter not in wrapper.peft_config:
+            continue
+        if len(wrapper.peft_config) == 1:
+            del base.wrappers[kind]
+        else:
+            wrapper.delete_adapter(adapter)
 
 
 # Suffixes that name a file format or a quantization of the same weights, not another model.
@@ -290,8 +337,7 @@ def same_base(recorded: str, model_name: str) -> bool:
 
 def _module_names(model: Any) -> list[str]:
     # The bare base's names, as target_modules are written against them.
-    bare = model.get_base_model() if isinstance(model, PeftModel) else model
-    return [module_name for module_name, _ in bare.named_modules()]
+    return [module_name for module_name, _ in model.named_modules()]
 
 
 def _incompatible(folder: AdapterFolder, base: ResidentBase, why: str) -> GolemError:

@@ -10,13 +10,14 @@ vocabulary-wide rows of logits. Cancellation is checked between passes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from golem_sidecar.decoding import BASE_ADAPTER
 from golem_sidecar.errors import caller_gone
+from golem_sidecar.lanes import Lane, group_by_lane
 from golem_sidecar.passes import split_passes
 
 # Scored positions per pass: each holds a vocabulary-sized row of logits (SmolLM2: 49,152
@@ -38,31 +39,31 @@ class ScoreItem:
 
 
 def mean_logprobs(
-    model: Any,
+    lane_of: Callable[[str | None], Lane],
     items: list[ScoreItem],
     pad_id: int,
     device: Any,
-    peft: bool,
     limits: tuple[int, int],
     cancelled: threading.Event,
 ) -> list[float]:
-    """The mean natural-log probability of each item's answer tokens. ``limits`` are the
-    rows and padded tokens one pass may hold (limits.maxBatchSize, limits.maxBatchTokens)."""
+    """The mean natural-log probability of each item's answer tokens, in the items' order.
+    ``lane_of`` says which lane serves an adapter (lanes.py); ``limits`` are the rows and
+    padded tokens one pass may hold (limits.maxBatchSize, limits.maxBatchTokens)."""
     max_rows, max_tokens = limits
     longest = max((len(item.answer_ids) for item in items), default=1)
     # Every row of a pass keeps logits for the pass's longest answer.
     max_rows = max(1, min(max_rows, MAX_SCORED_POSITIONS // longest))
-    scores: list[float] = []
-    for group in split_passes(items, lambda item: item.width, max_rows, max_tokens):
-        if cancelled.is_set():
-            raise caller_gone()
-        scores.extend(_score_group(model, group, pad_id, device, peft))
-    return scores
+    scores: dict[int, float] = {}
+    for lane, members in group_by_lane(list(enumerate(items)), lambda n: n[1].adapter, lane_of):
+        for group in split_passes(members, lambda n: n[1].width, max_rows, max_tokens):
+            if cancelled.is_set():
+                raise caller_gone()
+            found = _score_group(lane, [item for _, item in group], pad_id, device)
+            scores.update(zip((index for index, _ in group), found, strict=True))
+    return [scores[index] for index in range(len(items))]
 
 
-def _score_group(
-    model: Any, items: list[ScoreItem], pad_id: int, device: Any, peft: bool
-) -> list[float]:
+def _score_group(lane: Lane, items: list[ScoreItem], pad_id: int, device: Any) -> list[float]:
     sequences = [item.prompt_ids + item.answer_ids for item in items]
     width = max(len(s) for s in sequences)
     longest = max(len(item.answer_ids) for item in items)
@@ -72,18 +73,15 @@ def _score_group(
         ids[i, width - len(seq) :] = torch.tensor(seq)
         mask[i, width - len(seq) :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    extra: dict[str, Any] = {}
-    if peft:
-        extra["adapter_names"] = [item.adapter or BASE_ADAPTER for item in items]
     with torch.inference_mode():
         # The token at position t is predicted by the logits at t - 1: the last `longest`
         # tokens of every row are predicted by the `longest` positions before the last one.
-        logits = model(
+        logits = lane(
+            [item.adapter for item in items],
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             logits_to_keep=longest + 1,
-            **extra,
         ).logits[:, :-1]
         targets = ids[:, width - longest :].unsqueeze(-1)
         picked = logits.gather(-1, targets).squeeze(-1).float()

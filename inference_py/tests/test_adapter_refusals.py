@@ -70,8 +70,8 @@ async def test_after_refusals_answers_still_equal_plain_peft(
 def test_a_failed_first_attach_leaves_no_half_loaded_base(
     tiny: dict[str, str], bad: dict[str, str]
 ) -> None:
-    """The first adapter turns the base into a PeftModel in place; when peft fails halfway the
-    base is dropped, and the next use loads it again, clean."""
+    """peft injects the first adapter into a copy of the base's module tree (models.py); when it
+    fails halfway that copy is dropped, and the base itself answers on, untouched."""
     models = ResidentModels(Security())
     base, _ = models.base(local_model(tiny["model"]), CPU)
     foreign = check_adapter_folder(bad["adapter_other_size"], allow_pickle=False)
@@ -79,11 +79,12 @@ def test_a_failed_first_attach_leaves_no_half_loaded_base(
         models.adapter(base, foreign)
     assert info.value.reason == "ADAPTER_INCOMPATIBLE"
     again, load_ns = models.base(local_model(tiny["model"]), CPU)
-    assert again is not base and load_ns > 0
-    assert not isinstance(again.model, PeftModel)
+    assert again is base and load_ns == 0, "the base was never touched, so it stays resident"
+    assert not isinstance(again.model, PeftModel) and not again.wrappers
+    assert not any("lora" in name for name, _ in again.model.named_modules())
     expected = _plain_answer(tiny["model"], None, SEED_PROMPT, 8)
     row = Row(list(again.tokenizer(SEED_PROMPT)["input_ids"]), None, 8, threading.Event())
-    decode_batch(again.model, again.tokenizer, [row], "cpu", peft=False)
+    decode_batch(again.lane(None), again.tokenizer, [row], "cpu")
     assert row.answer == _decode(tiny["model"], expected)
 
 
@@ -97,4 +98,4 @@ def test_missing_targets_are_checked_before_peft_touches_the_base(
         models.adapter(base, foreign)
     same, load_ns = models.base(local_model(tiny["model"]), CPU)
     assert same is base and load_ns == 0, "nothing was touched, so nothing is reloaded"
-    assert not isinstance(same.model, PeftModel)
+    assert not isinstance(same.model, PeftModel) and not same.wrappers

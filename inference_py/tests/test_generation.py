@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_EOS, Row, decode_batch
+from golem_sidecar.lanes import Lane
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from tests.tiny_models import SEED_PROMPT
 
@@ -81,7 +82,7 @@ def test_a_set_cancel_flag_stops_generation_at_the_next_token(tiny: dict[str, st
     flag = threading.Event()
     flag.set()
     row = _row(tokenizer, 50, flag)
-    decode_batch(model, tokenizer, [row], "cpu", peft=False)
+    decode_batch(Lane(model), tokenizer, [row], "cpu")
     assert row.finish_reason == FINISH_CANCELLED
     assert row.generated == []
     assert len(steps) == 1, "the prompt's forward pass, then the flag ends the row"
@@ -95,5 +96,5 @@ def test_finish_reason_is_eos_when_the_model_stops(tiny: dict[str, str]) -> None
         model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
         model.lm_head.bias[tokenizer.eos_token_id] = 1e4
     row = _row(tokenizer, 10)
-    decode_batch(model, tokenizer, [row], "cpu", peft=False)
+    decode_batch(Lane(model), tokenizer, [row], "cpu")
     assert (row.finish_reason, len(row.generated), row.answer) == (FINISH_EOS, 1, "")
