@@ -216,6 +216,12 @@ const CASES: BadInputCase[] = [
     'FAILED_PRECONDITION',
     'ADAPTER_CONFIG_INVALID',
   ),
+  adapterCase(
+    'adapter of a prompt-learning type',
+    (bad) => bad.prefixTuning,
+    'FAILED_PRECONDITION',
+    'ADAPTER_TYPE_UNSUPPORTED',
+  ),
   adapterCase('adapter without safetensors', (bad) => bad.noWeights, 'FAILED_PRECONDITION', 'ADAPTER_WEIGHTS_MISSING'),
   adapterCase(
     'adapter with only adapter_model.bin',

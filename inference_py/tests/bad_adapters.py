@@ -38,6 +38,11 @@ def _broken_config(adapter: str, inside: Path) -> dict[str, Path]:
     config = json.loads((made["missing_targets"] / CONFIG).read_text())
     config["target_modules"] = ["c_attn"]
     (made["missing_targets"] / CONFIG).write_text(json.dumps(config))
+    # A prompt-learning type, refused by its config alone (the weights are never read).
+    made["prefix_tuning"] = _copy(adapter, inside / "prefix_tuning")
+    (made["prefix_tuning"] / CONFIG).write_text(
+        json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
+    )
     return made
 
 

@@ -165,6 +165,7 @@ CASES = [
     adapter("folder without adapter_config.json", "no_config", FP, "ADAPTER_CONFIG_MISSING"),
     adapter("adapter config not JSON", "config_not_json", FP, "ADAPTER_CONFIG_INVALID"),
     adapter("adapter config not a PEFT config", "config_not_peft", FP, "ADAPTER_CONFIG_INVALID"),
+    adapter("adapter of a prompt-learning type", "prefix_tuning", FP, "ADAPTER_TYPE_UNSUPPORTED"),
     adapter("adapter safetensors missing", "no_weights", FP, "ADAPTER_WEIGHTS_MISSING"),
     adapter("adapter safetensors truncated", "truncated", FP, "ADAPTER_WEIGHTS_CORRUPT"),
     adapter("adapter safetensors corrupt", "corrupt", FP, "ADAPTER_WEIGHTS_CORRUPT"),

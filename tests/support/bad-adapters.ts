@@ -16,6 +16,7 @@ export interface BadAdapters {
   configNotPeft: string;
   noWeights: string;
   pickleOnly: string;
+  prefixTuning: string;
   truncatedWeights: string;
   corruptWeights: string;
   emptyWeights: string;
@@ -59,6 +60,7 @@ export function badAdapters(models: TinyModels, root: string, outside: string): 
     configNotPeft: take('config_not_peft'),
     noWeights: take('no_weights'),
     pickleOnly: take('pickle_only'),
+    prefixTuning: take('prefix_tuning'),
     truncatedWeights: take('truncated'),
     corruptWeights: take('corrupt'),
     emptyWeights: take('empty_weights'),
