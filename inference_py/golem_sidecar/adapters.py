@@ -24,6 +24,9 @@ ALL_LINEAR = "all-linear"
 # The adapter types served, any mix of them on one base (lanes.py). LoRA includes its DoRA and
 # rsLoRA variants.
 SERVED_TYPES = ("LORA", "IA3", "LOHA", "LOKR", "ADALORA")
+# Types peft has no 4-bit (bitsandbytes) layers for: on a 4-bit base peft would misread the
+# packed weights' shape and refuse them as made for another base.
+FULL_PRECISION_ONLY = ("LOHA", "LOKR")
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,17 @@ def _check_served_type(config: dict[str, object], path: str, field: str) -> None
     raise failed_precondition(
         field, "ADAPTER_TYPE_UNSUPPORTED", f'"{path}" is {why}; golem serves {served}'
     )
+
+
+def refuse_on_4bit(folder: AdapterFolder, model_name: str) -> None:
+    """ADAPTER_TYPE_UNSUPPORTED for a type that cannot be applied to a 4-bit base."""
+    if folder.peft_type in FULL_PRECISION_ONLY:
+        raise failed_precondition(
+            "adapter_path",
+            "ADAPTER_TYPE_UNSUPPORTED",
+            f'"{folder.path}" is a {folder.peft_type} adapter, which peft cannot apply to a 4-bit '
+            f'base such as this "{model_name}"; ask for quantization.load_in_4bit=false',
+        )
 
 
 def _is_prompt_learning(peft_type: str) -> bool:

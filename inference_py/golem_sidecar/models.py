@@ -25,7 +25,8 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from golem_sidecar.adapters import AdapterFolder, missing_targets
+from golem_sidecar.adapters import AdapterFolder, missing_targets, refuse_on_4bit
+from golem_sidecar.bnb_state import as_loaded
 from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError, already_exists, failed_precondition, not_found
 from golem_sidecar.gate import ModelRef
@@ -244,7 +245,8 @@ class ResidentModels:
         if base.by_identity.get(folder.identity) == name:
             del base.by_identity[folder.identity]
         base.uses.pop(name, None)
-        _detach(base, peft_name(name))
+        with as_loaded(base.model):
+            _detach(base, peft_name(name))
         log.info("adapter unloaded", extra={"adapter": name, "path": folder.path})
 
     def resident(self) -> list[ResidentBase]:
@@ -270,12 +272,18 @@ class ResidentModels:
         base's (peft finds those while loading; the half-attached adapter is then undone), or,
         when everything fits, a base_model_name_or_path that names another model (the adapter
         is then detached again). The bare base is never touched, whatever fails."""
+        if base.placement.load_in_4bit:
+            refuse_on_4bit(folder, base.model_name)
         missing = missing_targets(folder, _module_names(base.model))
         if missing:
             raise _incompatible(
                 folder, base, f"it targets modules the base lacks: {', '.join(missing)}"
             )
         adapter = peft_name(name)
+        with as_loaded(base.model):
+            self._attach_checked(base, folder, adapter)
+
+    def _attach_checked(self, base: ResidentBase, folder: AdapterFolder, adapter: str) -> None:
         wrapper = base.wrappers.get(folder.peft_type)
         try:
             if wrapper is None:
