@@ -24,6 +24,7 @@ from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.grading import Grade, grade
+from golem_sidecar.loading import memory_footprint_bytes
 from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import split_passes
 from golem_sidecar.placement import Placement, default_placement
@@ -301,6 +302,16 @@ class ExamEngine:
             ]
 
         result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(listing)
+        return result
+
+    async def list_models(self) -> list[tuple[ResidentBase, int]]:
+        """Each resident base with its memory footprint now (read on the model thread, where
+        the fused 4-bit CPU kernel repacks weights)."""
+
+        def listing() -> list[tuple[ResidentBase, int]]:
+            return [(base, memory_footprint_bytes(base.model)) for base in self._models.resident()]
+
+        result: list[tuple[ResidentBase, int]] = await self._on_worker(listing)
         return result
 
     async def compare(

@@ -38,6 +38,18 @@ def test_seed_profile_restores_the_seed_defaults() -> None:
             {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitComputeDtype": "int8"}}},
             "defaults.quantization.bnb4BitComputeDtype",
         ),
+        (
+            {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitQuantType": "nf8"}}},
+            "defaults.quantization.bnb4BitQuantType",
+        ),
+        (
+            {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitUseDoubleQuant": "yes"}}},
+            "defaults.quantization.bnb4BitUseDoubleQuant",
+        ),
+        (
+            {"defaults": {"quantization": {"loadIn4bit": True}}},
+            "defaults.quantization.loadIn4bit",
+        ),
         ({"limits": {"maxNewTokensCap": 0}}, "limits.maxNewTokensCap"),
         ({"defaults": {"maxNewTokens": 99}, "limits": {"maxNewTokensCap": 10}}, "maxNewTokensCap"),
         ({"security": {"allowPickle": "yes"}}, "security.allowPickle"),
@@ -63,3 +75,27 @@ def test_torch_prefixed_dtype_is_accepted() -> None:
         "defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitComputeDtype": "torch.bfloat16"}}
     }
     assert parse_config(raw).defaults.quantization.compute_dtype == "bfloat16"
+
+
+def test_4bit_object_takes_quant_type_and_double_quant() -> None:
+    raw = {
+        "defaults": {
+            "quantization": {
+                "loadIn4Bit": True,
+                "bnb4BitQuantType": "nf4",
+                "bnb4BitUseDoubleQuant": True,
+            }
+        }
+    }
+    q = parse_config(raw).defaults.quantization
+    assert (q.mode, q.compute_dtype, q.quant_type, q.double_quant) == (
+        "4bit",
+        "float16",
+        "nf4",
+        True,
+    )
+
+
+def test_4bit_left_out_settings_are_bitsandbytes_defaults() -> None:
+    q = parse_config({"defaults": {"quantization": "4bit"}}).defaults.quantization
+    assert (q.quant_type, q.double_quant) == ("fp4", False)
