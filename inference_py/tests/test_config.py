@@ -21,10 +21,12 @@ def test_seed_profile_restores_the_seed_defaults() -> None:
     from tests.conftest import REPO
 
     config = load_config(str(REPO / "config/seed.json"), None, None)
-    assert config.defaults.model_name == "distilgpt2"
-    assert config.defaults.adapter_path == "../Quest_2/results/checkpoint-250"
-    assert config.defaults.quantization.mode == "4bit"
-    assert config.defaults.quantization.compute_dtype == "float16"
+    # The seed's settings on a local base (no hub here): 4-bit, float16 compute, auto, 20 tokens.
+    assert config.defaults.model_name == "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert config.defaults.adapter_path == "models/adapters/genres/checkpoint-final"
+    q = config.defaults.quantization
+    assert (q.mode, q.compute_dtype, q.quant_type, q.double_quant) == ("4bit", "float16", "fp4", False)
+    assert (config.defaults.device, config.defaults.max_new_tokens) == ("auto", 20)
 
 
 @pytest.mark.parametrize(
