@@ -144,34 +144,47 @@ async def test_answers_equal_plain_bitsandbytes_token_for_token(
     assert quantization.bnb_4bit_compute_dtype == compute
 
 
+# Batches. bitsandbytes' fused CPU kernel gives each row the same result whatever its batch, but
+# the rest of the model does not quite: float32 ops over other batch shapes (LoRA's small
+# matmuls, attention over padding) round differently by about 1e-7, half-precision ones by far
+# more, and the kernel's bfloat16 rounding of its input and output now and then turns such a
+# difference into a whole bfloat16 step. On these tiny bases a left-padded batch moved the
+# first step's logits by at most 0.004 (half-precision compute; 0 with float32 compute); on
+# SmolLM2-135M by up to 0.7 (README, 4-bit). A batched answer may therefore leave the alone
+# answer only at a step where the alone run's two best tokens were that close. The bound tested
+# here, with margin, for these bases:
+BATCH_TIE = 0.02
+
+
+@pytest.mark.parametrize("compute", COMPUTE_DTYPES)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
-async def test_float32_compute_batches_answer_as_plain_does_alone(
-    stub: Stub, bases: dict[str, dict], shape: str, quant_type: str
+async def test_batches_through_the_sidecar_answer_as_plain_does_alone_but_at_near_ties(
+    stub: Stub, bases: dict[str, dict], shape: str, quant_type: str, compute: str
 ) -> None:
-    """With float32 compute every kernel's row is independent of its batch (bitsandbytes' fused
-    kernel included), so a left-padded batch answers exactly what each prompt gets alone."""
     base = bases[shape]
-    plain = _plain(base["model"], base["adapter"], quant_type, "float32")
+    plain = _plain(base["model"], base["adapter"], quant_type, compute)
     batched = await asyncio.gather(
-        *(stub.TakeExam(_request(base, prompt, quant_type, "float32")) for prompt in PROMPTS)
+        *(stub.TakeExam(_request(base, prompt, quant_type, compute)) for prompt in PROMPTS)
     )
     assert max(r.batch_size for r in batched) == len(PROMPTS), "the requests must share a batch"
-    assert [_answered(r) for r in batched] == [_decoded(base["model"], ids) for ids, _ in plain]
+    checked = 0
+    for response, (ids, gaps) in zip(batched, plain, strict=True):
+        # Up to the first near tie the batched answer is the alone one (a token cut in the middle
+        # of a character decodes to U+FFFD, which the whole answer does not show).
+        sure = next((i for i, gap in enumerate(gaps) if gap <= BATCH_TIE), len(ids))
+        if sure == len(ids):
+            assert _answered(response) == _decoded(base["model"], ids)
+        prefix = _decoded(base["model"], ids[:sure])[0].rstrip("\ufffd")
+        assert response.answer.startswith(prefix)
+        checked += sure
+    assert checked >= len(PROMPTS), "near ties everywhere: the test would check almost nothing"
 
 
-# Half-precision compute: the layers bitsandbytes does not quantize (attention, norms, lm_head)
-# run in float16/bfloat16, whose CPU kernels round differently for other batch shapes. Measured
-# on these bases, a left-padded batch moves the first step's logits by at most 0.004 (0 with
-# float32 compute); a batched answer may then leave the alone answer only where the alone run's
-# two best tokens were that close. The bound tested, with margin:
-HALF_PRECISION_TIE = 0.02
-
-
-@pytest.mark.parametrize("compute", ["float16", "bfloat16"])
+@pytest.mark.parametrize("compute", COMPUTE_DTYPES)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
-def test_half_precision_batches_leave_the_alone_answer_only_at_near_ties(
+def test_batched_answers_leave_the_alone_answer_only_at_near_ties(
     bases: dict[str, dict], shape: str, quant_type: str, compute: str
 ) -> None:
     """golem's own loading and decoding (decode_batch, as the engine calls it) on token ids: alone
@@ -197,7 +210,7 @@ def test_half_precision_batches_leave_the_alone_answer_only_at_near_ties(
     for row, (ids, gaps) in zip(batched, plain, strict=True):
         differs = [i for i, (a, b) in enumerate(zip(row.generated, ids, strict=False)) if a != b]
         if differs:
-            assert gaps[differs[0]] <= HALF_PRECISION_TIE, (row.generated, ids, gaps)
+            assert gaps[differs[0]] <= BATCH_TIE, (row.generated, ids, gaps)
         else:
             assert row.generated == ids
 
