@@ -25,7 +25,12 @@ def test_seed_profile_restores_the_seed_defaults() -> None:
     assert config.defaults.model_name == "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert config.defaults.adapter_path == "models/adapters/genres/checkpoint-final"
     q = config.defaults.quantization
-    assert (q.mode, q.compute_dtype, q.quant_type, q.double_quant) == ("4bit", "float16", "fp4", False)
+    assert (q.mode, q.compute_dtype, q.quant_type, q.double_quant) == (
+        "4bit",
+        "float16",
+        "fp4",
+        False,
+    )
     assert (config.defaults.device, config.defaults.max_new_tokens) == ("auto", 20)
 
 
