@@ -29,6 +29,8 @@ class Stack:
 
     sidecar: str
     gateway: str
+    # The sidecar's process id, for its memory (/proc/PID/status).
+    sidecar_pid: int = 0
 
 
 def free_port() -> int:
@@ -38,7 +40,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(model: str, adapter: str, listen: str, sidecar: str) -> dict[str, Any]:
+def _config(
+    model: str, adapter: str, listen: str, sidecar: str, quantization: Any = "auto"
+) -> dict[str, Any]:
     """golem's config shape (config/golem.json) with this stack's model and addresses."""
     return {
         "listen": listen,
@@ -51,7 +55,7 @@ def _config(model: str, adapter: str, listen: str, sidecar: str) -> dict[str, An
             "prompt": "Instruction: Which genre is the hobbit?\nResponse:",
             "maxNewTokens": 20,
             "device": "cpu",
-            "quantization": "auto",
+            "quantization": quantization,
         },
         "limits": {"maxNewTokensCap": 512, "requestTimeoutMs": 300000},
         "security": {"trustRemoteCode": False, "allowPickle": False},
@@ -92,7 +96,12 @@ def _wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path) -> Non
 
 @contextlib.contextmanager
 def running_stack(
-    root: Path, model: str, adapter: str, workdir: Path, max_adapters: int
+    root: Path,
+    model: str,
+    adapter: str,
+    workdir: Path,
+    max_adapters: int,
+    quantization: Any = "auto",
 ) -> Iterator[Stack]:
     """Starts a sidecar for ``model`` (its default adapter resident) and a gateway in front of
     it; both logs go to ``workdir``. The sidecar's config adds limits the gateway does not know
@@ -100,7 +109,7 @@ def running_stack(
     workdir.mkdir(parents=True, exist_ok=True)
     sidecar = f"127.0.0.1:{free_port()}"
     gateway = f"127.0.0.1:{free_port()}"
-    config = _config(model, adapter, gateway, sidecar)
+    config = _config(model, adapter, gateway, sidecar, quantization)
     (workdir / "gateway.json").write_text(json.dumps(config))
     config["limits"]["maxAdapters"] = max_adapters
     (workdir / "sidecar.json").write_text(json.dumps(config))
@@ -122,7 +131,7 @@ def running_stack(
             started.append((proc, log))
             _wait_serving(address, proc, log)
         try:
-            yield Stack(sidecar=sidecar, gateway=gateway)
+            yield Stack(sidecar=sidecar, gateway=gateway, sidecar_pid=started[0][0].pid)
         except Exception:
             # Say which process died under the run before its log goes with the temp dir.
             for proc, log in started:

@@ -3,7 +3,7 @@ per type, each on a module tree that shares the base's weights).
 
 Loads the default base in float32 through the sidecar's own ResidentModels, then attaches the
 demo LoRA and one adapter of each other served type (built here with random weights on the same
-target modules), printing RSS and the adapters' own bytes after each step, as JSON lines.
+target modules), printing RSS and the footprint ListAdapters reports after each step, as JSON lines.
 
 Usage: .venv/bin/python scripts/measure_peft_types.py. Run it on an idle machine.
 """
@@ -68,7 +68,11 @@ def main() -> None:
         models = ResidentModels(Security())
         start = rss_mib()
         base, _ = models.base(ref, CPU)
-        report = {"step": "base loaded (float32)", "rss_mib": round(rss_mib(), 1)}
+        report = {
+            "step": "base loaded (float32)",
+            "rss_mib": round(rss_mib(), 1),
+            "footprint_bytes": base.footprint_bytes(),
+        }
         print(json.dumps({**report, "rss_before_mib": round(start, 1)}))
         for kind, path in [("LORA", LORA), *others.items()]:
             started = time.perf_counter()
@@ -76,7 +80,7 @@ def main() -> None:
             print(json.dumps({
                 "step": f"first {kind} adapter attached",
                 "rss_mib": round(rss_mib(), 1),
-                "adapter_bytes": base.adapter_bytes(),
+                "footprint_bytes": base.footprint_bytes(),
                 "attach_ms": round((time.perf_counter() - started) * 1000),
                 "wrappers": sorted(base.wrappers),
             }))

@@ -18,9 +18,15 @@ const nonNegativeInt = z.number().int().nonnegative();
 // Folders the sidecar may load from; empty means anywhere (but see the gateway's roots rule).
 const roots = z.array(nonBlank).default([]);
 
+// Shapes only: the values (dtype and 4-bit type names) are the sidecar's to check, once.
 const quantizationSchema = z.union([
-  z.literal('auto'),
-  z.strictObject({ loadIn4Bit: z.boolean(), bnb4BitComputeDtype: nonBlank.optional() }),
+  z.enum(['auto', 'none', '4bit']),
+  z.strictObject({
+    loadIn4Bit: z.boolean(),
+    bnb4BitComputeDtype: nonBlank.optional(),
+    bnb4BitQuantType: nonBlank.optional(),
+    bnb4BitUseDoubleQuant: z.boolean().optional(),
+  }),
 ]);
 
 export const configSchema = z.strictObject({

@@ -144,6 +144,11 @@ const CASES: BadInputCase[] = [
   cliOnly('wrong type: maxNewTokens a word', '{"maxNewTokens": "five"}', 'maxNewTokens'),
   cliOnly('wrong type: prompt a number', '{"prompt": 5}', 'prompt'),
   cliOnly('wrong type: quantization a boolean', '{"quantization": true}', 'quantization'),
+  cliOnly(
+    'wrong type: bnb4BitUseDoubleQuant a string',
+    '{"quantization": {"bnb4BitUseDoubleQuant": "yes"}}',
+    'quantization.bnb4BitUseDoubleQuant',
+  ),
   cliOnly('wrong type: disableAdapter a string', '{"disableAdapter": "yes"}', 'disableAdapter'),
   cliOnly('maxNewTokens 1.5', '{"maxNewTokens": 1.5}', 'maxNewTokens'),
   cliOnly('maxNewTokens beyond int32', '{"maxNewTokens": 2147483648}', 'maxNewTokens'),
@@ -173,6 +178,11 @@ const CASES: BadInputCase[] = [
     () => ({ quantization: { bnb4BitComputeDtype: 'int3' } }),
     invalidField('quantization.bnb_4bit_compute_dtype'),
   ),
+  exam(
+    'unknown 4-bit quant type',
+    () => ({ quantization: { loadIn4Bit: true, bnb4BitQuantType: 'nf8' } }),
+    invalidField('quantization.bnb_4bit_quant_type'),
+  ),
 
   // TakeExam: what the sidecar finds when it looks.
   // The tiny model's context is 2048 tokens; this is about 2200, and still under maxInputBytes.
@@ -185,11 +195,6 @@ const CASES: BadInputCase[] = [
     code: 'FAILED_PRECONDITION',
     reason: 'DEVICE_UNAVAILABLE',
     field: 'device',
-  }),
-  exam('4-bit without CUDA and bitsandbytes', () => ({ quantization: { loadIn4Bit: true } }), {
-    code: 'FAILED_PRECONDITION',
-    reason: 'QUANTIZATION_UNAVAILABLE',
-    field: 'quantization.load_in_4bit',
   }),
   exam('model neither a local path nor cached', () => ({ modelName: 'no-such-org/no-such-model' }), {
     code: 'NOT_FOUND',

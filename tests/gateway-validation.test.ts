@@ -96,6 +96,10 @@ describe('gateway in front of the real sidecar', () => {
         fc.record({
           loadIn4bit: fc.option(fc.boolean(), { nil: undefined }),
           bnb4bitComputeDtype: fc.option(fc.constantFrom('float16', 'torch.bfloat16', 'int8', ''), { nil: undefined }),
+          bnb4bitQuantType: fc.option(fc.constantFrom('nf4', 'fp4', 'NF4', 'nf8', ''), { nil: undefined }),
+          bnb4bitUseDoubleQuant: fc.option(fc.boolean(), { nil: undefined }),
+          // Output only: ignored in requests.
+          effectiveComputeDtype: fc.constantFrom('', 'bfloat16'),
         }),
         { nil: undefined },
       ),

@@ -13,6 +13,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 SEED_PROMPT = "Instruction: Which genre is the hobbit?\nResponse:"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+# bitsandbytes' 4-bit data types; the first is BitsAndBytesConfig's default, so the seed's.
+QUANT_TYPES = ("fp4", "nf4")
 
 
 class ConfigError(ValueError):
@@ -29,6 +31,9 @@ class QuantizationDefault:
 
     mode: str = "auto"
     compute_dtype: str = "float16"
+    # BitsAndBytesConfig's own defaults, which the seed script used: fp4, no double quantization.
+    quant_type: str = "fp4"
+    double_quant: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,24 +153,53 @@ def _quantization(value: Any) -> QuantizationDefault:
     if not isinstance(value, dict):
         raise ConfigError(
             'defaults.quantization: expected "auto", "none", "4bit" or '
-            f"{{loadIn4Bit, bnb4BitComputeDtype?}}, got {json.dumps(value)}"
+            "{loadIn4Bit, bnb4BitComputeDtype?, bnb4BitQuantType?, bnb4BitUseDoubleQuant?}, "
+            f"got {json.dumps(value)}"
         )
-    load = _get(value, "loadIn4Bit", "defaults.quantization", bool, False)
-    dtype = normalize_compute_dtype(
-        _get(value, "bnb4BitComputeDtype", "defaults.quantization", str, "float16")
-    )
+    where = "defaults.quantization"
+    unknown = sorted(set(value) - set(_QUANTIZATION_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; use {', '.join(_QUANTIZATION_KEYS)}")
+    base = QuantizationDefault()
+    load = _get(value, "loadIn4Bit", where, bool, False)
+    dtype = normalize_compute_dtype(_get(value, "bnb4BitComputeDtype", where, str, "float16"))
     if dtype is None:
         raise ConfigError(
-            "defaults.quantization.bnb4BitComputeDtype: expected one of "
+            f"{where}.bnb4BitComputeDtype: expected one of "
             f"{', '.join(COMPUTE_DTYPES)}, got {json.dumps(value.get('bnb4BitComputeDtype'))}"
         )
-    return QuantizationDefault(mode="4bit" if load else "none", compute_dtype=dtype)
+    quant_type = normalize_quant_type(_get(value, "bnb4BitQuantType", where, str, base.quant_type))
+    if quant_type is None:
+        raise ConfigError(
+            f"{where}.bnb4BitQuantType: expected one of {', '.join(QUANT_TYPES)}, "
+            f"got {json.dumps(value.get('bnb4BitQuantType'))}"
+        )
+    return QuantizationDefault(
+        mode="4bit" if load else "none",
+        compute_dtype=dtype,
+        quant_type=quant_type,
+        double_quant=_get(value, "bnb4BitUseDoubleQuant", where, bool, base.double_quant),
+    )
+
+
+_QUANTIZATION_KEYS = (
+    "loadIn4Bit",
+    "bnb4BitComputeDtype",
+    "bnb4BitQuantType",
+    "bnb4BitUseDoubleQuant",
+)
 
 
 def normalize_compute_dtype(name: str) -> str | None:
     """ "torch.float16" and "float16" name the same dtype; None when it is not one we accept."""
     short = name.strip().removeprefix("torch.")
     return short if short in COMPUTE_DTYPES else None
+
+
+def normalize_quant_type(name: str) -> str | None:
+    """ "nf4" or "fp4" (any case); None when it is neither."""
+    short = name.strip().lower()
+    return short if short in QUANT_TYPES else None
 
 
 def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:

@@ -299,6 +299,16 @@ class ExamEngine:
         result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(listing)
         return result
 
+    async def list_models(self) -> list[tuple[ResidentBase, int]]:
+        """Each resident base with its memory footprint now (read on the model thread, where
+        the fused 4-bit CPU kernel repacks weights)."""
+
+        def listing() -> list[tuple[ResidentBase, int]]:
+            return [(base, base.footprint_bytes()) for base in self._models.resident()]
+
+        result: list[tuple[ResidentBase, int]] = await self._on_worker(listing)
+        return result
+
     async def compare(
         self, spec: CompareSpec, cancelled: threading.Event
     ) -> list[list[ComparedAnswer]]:

@@ -69,6 +69,10 @@ def _quantization(request: exam_pb2.TakeExamRequest) -> QuantizationRequest:
     return QuantizationRequest(
         load_in_4bit=q.load_in_4bit if q.HasField("load_in_4bit") else None,
         compute_dtype=q.bnb_4bit_compute_dtype if q.HasField("bnb_4bit_compute_dtype") else None,
+        quant_type=q.bnb_4bit_quant_type if q.HasField("bnb_4bit_quant_type") else None,
+        double_quant=(
+            q.bnb_4bit_use_double_quant if q.HasField("bnb_4bit_use_double_quant") else None
+        ),
     )
 
 

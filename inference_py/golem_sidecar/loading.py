@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError, failed_precondition, not_found
 from golem_sidecar.gate import ModelRef
 from golem_sidecar.paths import kind
-from golem_sidecar.placement import Placement, quantization_failed
+from golem_sidecar.placement import Placement, fused_cpu_kernel, quantization_failed
 
 log = logging.getLogger(__name__)
 _4BIT_FAILURES = (ImportError, RuntimeError, ValueError)
@@ -100,23 +104,114 @@ def load_model(model: ModelRef, placement: Placement, security: Security) -> Pre
         "trust_remote_code": security.trust_remote_code,
         "dtype": placement.torch_dtype,
         "device_map": placement.device_map,
-        **extra,
     }
     if "gguf_file" not in extra and not security.allow_pickle:
         kwargs["use_safetensors"] = True
-    if placement.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, placement.compute_dtype)
-        )
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if not placement.load_in_4bit:
+            loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
+        elif "gguf_file" in extra:
+            with _dequantized_gguf(source, extra, security) as folder:
+                loaded = AutoModelForCausalLM.from_pretrained(folder, **kwargs, **_4bit(placement))
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs, **_4bit(placement))
     except Exception as exc:
         refusal = _load_refusal(model.name, exc, placement)
         if refusal is None:
             raise
         raise refusal from exc
+    if placement.load_in_4bit and placement.device == "cpu" and fused_cpu_kernel():
+        _check_fused_kernel_shapes(loaded, placement)
     loaded.eval()
     return loaded
+
+
+def _4bit(placement: Placement) -> dict[str, Any]:
+    """The seed script's BitsAndBytesConfig, with the placement's type and double quantization."""
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=getattr(torch, placement.compute_dtype),
+            bnb_4bit_quant_type=placement.quant_type,
+            bnb_4bit_use_double_quant=placement.double_quant,
+        )
+    }
+
+
+@contextmanager
+def _dequantized_gguf(source: str, extra: dict[str, Any], security: Security) -> Iterator[str]:
+    """A .gguf base for 4-bit loading: transformers refuses to combine gguf_file with a
+    quantization config, so the file is dequantized to float32 (as for a full-precision load),
+    saved as safetensors in a private temporary folder, and quantized from there by
+    bitsandbytes. The folder is removed once the 4-bit model is loaded. This costs load time
+    (the save and the quantizing load: about 1.5 s for SmolLM2-135M on 2 cores) and float32's
+    memory while it runs; answers are those of the same weights saved as safetensors and loaded
+    with plain transformers."""
+    full: Any = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, trust_remote_code=security.trust_remote_code, **extra
+    )
+    # transformers marks a model read from GGUF as quantized by "gguf"; it holds plain float32
+    # tensors now, and save_pretrained must not record a quantization.
+    full.hf_quantizer = None
+    if hasattr(full.config, "quantization_config"):
+        del full.config.quantization_config
+    folder = tempfile.mkdtemp(prefix="golem-gguf-")
+    try:
+        full.save_pretrained(folder, safe_serialization=True)
+        del full
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_fused_kernel_shapes(model: PreTrainedModel, placement: Placement) -> None:
+    """bitsandbytes' fused CPU kernel (see placement.fused_cpu_kernel) repacks each 4-bit weight in
+    blocks of 32 output rows and one scale per quantization block of a row, so it fails at the
+    first forward pass on a layer whose sizes are not multiples of those. Refused at load, with
+    the layer named, instead of failing every generation."""
+    from bitsandbytes.nn import Linear4bit
+
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state: Any = getattr(module.weight, "quant_state", None)
+        out_features, in_features = state.shape
+        if out_features % 32 or in_features % state.blocksize:
+            raise quantization_failed(
+                placement.device,
+                f"layer {name} is {in_features} -> {out_features}, and bitsandbytes' fused "
+                "AVX512-BF16 kernel on this CPU needs inputs in multiples of "
+                f"{state.blocksize} and outputs in multiples of 32",
+            )
+
+
+def memory_footprint_bytes(*models: Any) -> int:
+    """Bytes held by resident models' tensors now: parameters and buffers (attached adapters'
+    included) and bitsandbytes' 4-bit scales, which live outside both. Each storage counts once
+    (tied weights, and a base's weights that its peft wrappers share). Unlike transformers' get_memory_footprint it sees the 4-bit scales and the
+    fused CPU kernel's repacking after the first forward pass."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+
+    def add(tensor: Any) -> None:
+        nonlocal total
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+            return
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+
+    tensors = [t for model in models for t in (*model.parameters(), *model.buffers())]
+    for tensor in tensors:
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            add(state.absmax)
+            add(state.code)
+            state = getattr(state, "state2", None)
+    return total
 
 
 def _load_refusal(

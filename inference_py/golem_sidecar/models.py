@@ -31,7 +31,7 @@ from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError, already_exists, failed_precondition, not_found
 from golem_sidecar.gate import ModelRef
 from golem_sidecar.lanes import Lane
-from golem_sidecar.loading import load_model, load_tokenizer
+from golem_sidecar.loading import load_model, load_tokenizer, memory_footprint_bytes
 from golem_sidecar.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,9 @@ class ResidentBase:
             return Lane(wrapper, routed=True)
         return Lane(wrapper, active=adapter)
 
-    def adapter_bytes(self) -> int:
-        """Memory held by the adapters' own tensors (the wrappers share the base's weights)."""
-        shared = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
-        seen: set[int] = set()
-        total = 0
-        for wrapper in self.wrappers.values():
-            for tensor in itertools.chain(wrapper.parameters(), wrapper.buffers()):
-                if id(tensor) not in shared and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    total += tensor.numel() * tensor.element_size()
-        return total
+    def footprint_bytes(self) -> int:
+        """Bytes its tensors hold now: the base's and its adapters' (loading.py)."""
+        return memory_footprint_bytes(self.model, *self.wrappers.values())
 
 
 def routable(config: Any) -> bool:

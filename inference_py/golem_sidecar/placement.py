@@ -6,13 +6,21 @@ two bases. 4-bit that cannot be honoured is refused; it never silently becomes f
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 
 import torch
 
-from golem_sidecar.config import Defaults, QuantizationDefault, normalize_compute_dtype
+from golem_sidecar.config import (
+    QUANT_TYPES,
+    Defaults,
+    QuantizationDefault,
+    normalize_compute_dtype,
+    normalize_quant_type,
+)
 from golem_sidecar.errors import GolemError, failed_precondition, invalid_argument
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -24,6 +32,8 @@ class QuantizationRequest:
 
     load_in_4bit: bool | None = None
     compute_dtype: str | None = None
+    quant_type: str | None = None
+    double_quant: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -33,8 +43,10 @@ class Placement:
     device: str
     dtype: str
     load_in_4bit: bool
-    # Only meaningful with 4 bit; "" otherwise so equal placements compare equal.
+    # Only meaningful with 4 bit; "" / False otherwise so equal placements compare equal.
     compute_dtype: str = ""
+    quant_type: str = ""
+    double_quant: bool = False
 
     @property
     def device_map(self) -> str:
@@ -74,16 +86,38 @@ def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def _why_4bit_impossible(device: str) -> str | None:
+def _why_4bit_impossible() -> str | None:
+    # bitsandbytes has CUDA, CPU and mps backends; what a backend cannot do (a layer shape the
+    # fused CPU kernel does not take, a missing native library) is reported when loading.
     if not bitsandbytes_installed():
-        return (
-            "4-bit loading needs bitsandbytes, which is not installed "
-            "(pip install 'golem-sidecar[quant]')"
-        )
-    if device == "mps":
-        return "4-bit loading is not supported on mps"
-    # On CPU, bitsandbytes' CPU backend is tried at load time; its failure is reported then.
+        return "4-bit loading needs bitsandbytes, which is not installed"
     return None
+
+
+@functools.cache
+def fused_cpu_kernel() -> bool:
+    """Whether bitsandbytes computes 4-bit layers on this CPU with its fused AVX512-BF16 kernel.
+
+    bitsandbytes 0.50 registers that kernel (backends/cpu/ops.py) when its native library loaded
+    and the CPU has avx512_bf16; Linear4bit.forward then repacks the weights for it at the first
+    forward pass in eval mode without gradients (how golem and plain generate() run), casts the
+    input to bfloat16 and the output back: the products run in bfloat16 whatever compute dtype
+    was asked for."""
+    if not bitsandbytes_installed():
+        return False
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+    from bitsandbytes.functional import has_avx512bf16
+
+    return not isinstance(lib, ErrorHandlerMockBNBNativeLibrary) and bool(has_avx512bf16())
+
+
+def effective_compute_dtype(placement: Placement) -> str:
+    """The dtype a 4-bit base's quantized layers really compute in; "" without 4 bit."""
+    if not placement.load_in_4bit:
+        return ""
+    if placement.device == "cpu" and fused_cpu_kernel():
+        return "bfloat16"
+    return placement.compute_dtype
 
 
 def resolve_placement(
@@ -97,9 +131,19 @@ def resolve_placement(
         if normalized is None:
             raise invalid_argument(
                 "quantization.bnb_4bit_compute_dtype",
-                f'unknown dtype "{quant.compute_dtype}"; use float16, bfloat16 or float32',
+                f"unknown dtype {_shown(quant.compute_dtype)}; use float16, bfloat16 or float32",
             )
         compute = normalized
+    quant_type = default.quant_type
+    if quant.quant_type is not None:
+        normalized = normalize_quant_type(quant.quant_type)
+        if normalized is None:
+            raise invalid_argument(
+                "quantization.bnb_4bit_quant_type",
+                f"unknown 4-bit type {_shown(quant.quant_type)}; use {' or '.join(QUANT_TYPES)}",
+            )
+        quant_type = normalized
+    double_quant = default.double_quant if quant.double_quant is None else quant.double_quant
     if quant.load_in_4bit is not None:
         want_4bit = quant.load_in_4bit
     elif default.mode == "auto":
@@ -107,11 +151,23 @@ def resolve_placement(
     else:
         want_4bit = default.mode == "4bit"
     if want_4bit:
-        why = _why_4bit_impossible(device)
+        why = _why_4bit_impossible()
         if why is not None:
             raise _quantization_unavailable(why, device)
-        return Placement(device=device, dtype=compute, load_in_4bit=True, compute_dtype=compute)
+        return Placement(
+            device=device,
+            dtype=compute,
+            load_in_4bit=True,
+            compute_dtype=compute,
+            quant_type=quant_type,
+            double_quant=double_quant,
+        )
     return Placement(device=device, dtype=_full_precision_dtype(device), load_in_4bit=False)
+
+
+def _shown(value: str) -> str:
+    # A caller's value, quoted and cut short: error messages travel in bounded trailers.
+    return json.dumps(value if len(value) <= 40 else value[:40] + "...")
 
 
 def default_placement(defaults: Defaults) -> Placement:
@@ -128,9 +184,11 @@ def _quantization_unavailable(why: str, device: str) -> GolemError:
     )
 
 
-def quantization_failed(device: str, exc: Exception) -> GolemError:
-    """bitsandbytes was present but loading in 4 bit failed (for example no CPU backend)."""
-    return _quantization_unavailable(f"bitsandbytes failed: {exc}", device)
+def quantization_failed(device: str, exc: Exception | str) -> GolemError:
+    """bitsandbytes was present but loading in 4 bit failed (for example no CPU backend), or the
+    loaded base has layers its kernel cannot compute."""
+    why = exc if isinstance(exc, str) else f"bitsandbytes failed: {exc}"
+    return _quantization_unavailable(why, device)
 
 
 def _full_precision_dtype(device: str) -> str:

@@ -23,6 +23,7 @@ from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.interceptors import CallInterceptor
 from golem_sidecar.models import ResidentBase
+from golem_sidecar.placement import Placement, effective_compute_dtype
 from golem_sidecar.registry import resolve_load, resolve_unload
 from golem_sidecar.shutdown import CallGate
 from golem_sidecar.wire import EXAM_SERVICE_NAME as SERVICE_NAME
@@ -100,7 +101,11 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         self, request: exam_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.ListAdaptersResponse:
         listing = await self._engine.list_adapters()
-        return exam_pb2.ListAdaptersResponse(adapters=[_resident(*item) for item in listing])
+        models = await self._engine.list_models()
+        return exam_pb2.ListAdaptersResponse(
+            adapters=[_resident(*item) for item in listing],
+            models=[_resident_model(*item) for item in models],
+        )
 
     async def CompareAdapters(
         self, request: exam_pb2.CompareAdaptersRequest, context: grpc.aio.ServicerContext
@@ -156,6 +161,31 @@ def _resident(
     )
 
 
+def _resident_model(base: ResidentBase, footprint: int) -> exam_pb2.ResidentModel:
+    return exam_pb2.ResidentModel(
+        model_name=base.model_name,
+        device=str(base.input_device),
+        dtype=base.weight_dtype,
+        quantization=quantization_info(base.placement),
+        memory_footprint_bytes=footprint,
+        adapters=list(base.adapters),
+    )
+
+
+def quantization_info(placement: Placement) -> exam_pb2.Quantization:
+    """The quantization a base was really loaded with: load_in_4bit always; with 4 bit every
+    setting, and the dtype its 4-bit layers really compute in."""
+    if not placement.load_in_4bit:
+        return exam_pb2.Quantization(load_in_4bit=False)
+    return exam_pb2.Quantization(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=placement.compute_dtype,
+        bnb_4bit_quant_type=placement.quant_type,
+        bnb_4bit_use_double_quant=placement.double_quant,
+        effective_compute_dtype=effective_compute_dtype(placement),
+    )
+
+
 def _comparison_response(
     prompts: tuple[str, ...], table: list[list[ComparedAnswer]]
 ) -> exam_pb2.CompareAdaptersResponse:
@@ -175,10 +205,6 @@ def _comparison_response(
 
 def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
     spec, gen = result.spec, result.generation
-    placement = spec.placement
-    quantization = exam_pb2.Quantization(load_in_4bit=placement.load_in_4bit)
-    if placement.load_in_4bit:
-        quantization.bnb_4bit_compute_dtype = placement.compute_dtype
     response = exam_pb2.TakeExamResponse(
         answer=gen.answer,
         full_text=gen.full_text,
@@ -186,7 +212,7 @@ def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
             model_name=spec.model_name,
             device=result.device,
             dtype=result.dtype,
-            quantization=quantization,
+            quantization=quantization_info(spec.placement),
         ),
         prompt_tokens=gen.prompt_tokens,
         answer_tokens=gen.answer_tokens,

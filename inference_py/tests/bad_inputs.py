@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from tests.bad_adapters import build_bad_adapters
+from tests.tiny_models import build_gpt2
 
 
 def build_remote_code_model(model_dir: str, out: Path) -> tuple[Path, Path]:
@@ -52,6 +53,8 @@ def _broken_models(tiny: dict[str, str], root: Path) -> dict[str, str]:
         "model_pickle_only": str(pickled),
         "model_bad_config": str(bad_config),
         "model_truncated": str(truncated),
+        # Layers of 32 inputs: bitsandbytes' fused AVX512-BF16 CPU kernel cannot compute them.
+        "model_narrow_4bit": build_gpt2(root, n_embd=32, name="model_narrow_4bit")["model"],
     }
 
 

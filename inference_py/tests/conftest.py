@@ -16,6 +16,7 @@ from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarC
 from golem_sidecar.gen import exam_pb2_grpc
 from golem_sidecar.server import Sidecar
 from tests.bad_inputs import build_bad_inputs
+from tests.peft_kinds import build_kinds
 from tests.tiny_models import build_all
 
 CAP = 64
@@ -31,6 +32,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def bad(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Broken, foreign and root-escaping models and adapters (see tests/bad_inputs.py)."""
     return build_bad_inputs(tiny, tmp_path_factory.mktemp("bad"))
+
+
+@pytest.fixture(scope="session")
+def kinds(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One adapter folder per served PEFT type for the tiny model, by kind name (peft_kinds.py)."""
+    return build_kinds(Path(tiny["model"]), tmp_path_factory.mktemp("kinds"))
 
 
 def tiny_config(

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from golem_sidecar.config import Defaults, Limits, QuantizationDefault, Security, SidecarConfig
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
-from golem_sidecar.placement import bitsandbytes_installed
+from golem_sidecar.placement import bitsandbytes_installed, fused_cpu_kernel
 from golem_sidecar.server import Sidecar
 from golem_sidecar.wire import EXAM_SERVICE
 from tests.conftest import CAP
@@ -130,7 +130,13 @@ CASES = [
     invalid("device tpu", "device", device="tpu"),
     invalid("unknown compute dtype", "quantization.bnb_4bit_compute_dtype",
             quantization=Q(load_in_4bit=True, bnb_4bit_compute_dtype="int3")),
-    Case("4-bit where impossible", lambda p: R(device="cpu", quantization=Q(load_in_4bit=True)),
+    invalid("unknown 4-bit quant type", "quantization.bnb_4bit_quant_type",
+            quantization=Q(load_in_4bit=True, bnb_4bit_quant_type="nf8")),
+    Case("4-bit without bitsandbytes", lambda p: R(device="cpu", quantization=Q(load_in_4bit=True)),
+         FP, "QUANTIZATION_UNAVAILABLE", "quantization.load_in_4bit"),
+    Case("4-bit layers the fused CPU kernel cannot take",
+         lambda p: R(model_name=p["model_narrow_4bit"], disable_adapter=True,
+                     quantization=Q(load_in_4bit=True)),
          FP, "QUANTIZATION_UNAVAILABLE", "quantization.load_in_4bit"),
     # The model
     invalid("empty model name", "model_name", model_name=""),
@@ -276,8 +282,10 @@ def hostile(tiny: Paths, bad: Paths, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _marks(case: Case) -> list[pytest.MarkDecorator]:
-    if case.reason == "QUANTIZATION_UNAVAILABLE" and bitsandbytes_installed():
-        return [pytest.mark.skip(reason="bitsandbytes is installed: 4-bit may work here")]
+    if case.name == "4-bit without bitsandbytes" and bitsandbytes_installed():
+        return [pytest.mark.skip(reason="bitsandbytes is installed: 4-bit works here")]
+    if case.name == "4-bit layers the fused CPU kernel cannot take" and not fused_cpu_kernel():
+        return [pytest.mark.skip(reason="this CPU does not run bitsandbytes' fused kernel")]
     return []
 
 

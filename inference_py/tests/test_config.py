@@ -21,10 +21,17 @@ def test_seed_profile_restores_the_seed_defaults() -> None:
     from tests.conftest import REPO
 
     config = load_config(str(REPO / "config/seed.json"), None, None)
-    assert config.defaults.model_name == "distilgpt2"
-    assert config.defaults.adapter_path == "../Quest_2/results/checkpoint-250"
-    assert config.defaults.quantization.mode == "4bit"
-    assert config.defaults.quantization.compute_dtype == "float16"
+    # The seed's settings on a local base (no hub here): 4-bit, float16 compute, auto, 20 tokens.
+    assert config.defaults.model_name == "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert config.defaults.adapter_path == "models/adapters/genres/checkpoint-final"
+    q = config.defaults.quantization
+    assert (q.mode, q.compute_dtype, q.quant_type, q.double_quant) == (
+        "4bit",
+        "float16",
+        "fp4",
+        False,
+    )
+    assert (config.defaults.device, config.defaults.max_new_tokens) == ("auto", 20)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +44,18 @@ def test_seed_profile_restores_the_seed_defaults() -> None:
         (
             {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitComputeDtype": "int8"}}},
             "defaults.quantization.bnb4BitComputeDtype",
+        ),
+        (
+            {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitQuantType": "nf8"}}},
+            "defaults.quantization.bnb4BitQuantType",
+        ),
+        (
+            {"defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitUseDoubleQuant": "yes"}}},
+            "defaults.quantization.bnb4BitUseDoubleQuant",
+        ),
+        (
+            {"defaults": {"quantization": {"loadIn4bit": True}}},
+            "defaults.quantization.loadIn4bit",
         ),
         ({"limits": {"maxNewTokensCap": 0}}, "limits.maxNewTokensCap"),
         ({"defaults": {"maxNewTokens": 99}, "limits": {"maxNewTokensCap": 10}}, "maxNewTokensCap"),
@@ -63,3 +82,27 @@ def test_torch_prefixed_dtype_is_accepted() -> None:
         "defaults": {"quantization": {"loadIn4Bit": True, "bnb4BitComputeDtype": "torch.bfloat16"}}
     }
     assert parse_config(raw).defaults.quantization.compute_dtype == "bfloat16"
+
+
+def test_4bit_object_takes_quant_type_and_double_quant() -> None:
+    raw = {
+        "defaults": {
+            "quantization": {
+                "loadIn4Bit": True,
+                "bnb4BitQuantType": "nf4",
+                "bnb4BitUseDoubleQuant": True,
+            }
+        }
+    }
+    q = parse_config(raw).defaults.quantization
+    assert (q.mode, q.compute_dtype, q.quant_type, q.double_quant) == (
+        "4bit",
+        "float16",
+        "nf4",
+        True,
+    )
+
+
+def test_4bit_left_out_settings_are_bitsandbytes_defaults() -> None:
+    q = parse_config({"defaults": {"quantization": "4bit"}}).defaults.quantization
+    assert (q.quant_type, q.double_quant) == ("fp4", False)

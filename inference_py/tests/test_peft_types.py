@@ -19,11 +19,12 @@ from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.config import Security
 from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+from golem_sidecar.loading import memory_footprint_bytes
 from golem_sidecar.models import ResidentModels
 from golem_sidecar.placement import Placement
 from golem_sidecar.server import Sidecar
 from tests.conftest import tiny_config
-from tests.peft_kinds import SERVED_KINDS, build_kinds, build_prompt_learning
+from tests.peft_kinds import SERVED_KINDS, build_prompt_learning
 from tests.rpc import failure
 from tests.test_generation import PROMPTS, _plain_answer
 from tests.tiny_models import local_model
@@ -42,12 +43,6 @@ PEFT_TYPE = {
     "lokr": "LOKR",
     "adalora": "ADALORA",
 }
-
-
-@pytest.fixture(scope="session")
-def kinds(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One adapter folder per served type, by kind name."""
-    return build_kinds(Path(tiny["model"]), tmp_path_factory.mktemp("kinds"))
 
 
 @pytest.fixture(scope="session")
@@ -175,7 +170,8 @@ def test_either_type_may_load_first_and_wrappers_share_the_base_weights(
     for wrapper in base.wrappers.values():
         shared = [p for p in wrapper.parameters() if id(p) in weights]
         assert len(shared) == len(weights), "each wrapper wears the base's weights, uncopied"
-    assert 0 < base.adapter_bytes() < sum(p.numel() * 4 for p in base.model.parameters())
+    bare = memory_footprint_bytes(base.model)
+    assert bare < base.footprint_bytes() < 2 * bare, "adapters add their own tensors only"
 
 
 def test_unloading_the_last_adapter_of_a_type_drops_its_wrapper(

@@ -75,3 +75,44 @@ def test_unknown_compute_dtype_is_invalid(dtype: str) -> None:
     with pytest.raises(GolemError) as info:
         resolve_placement("cpu", QuantizationRequest(compute_dtype=dtype), QuantizationDefault())
     assert info.value.field == "quantization.bnb_4bit_compute_dtype"
+
+
+@pytest.mark.parametrize("value", ["nf8", "int4", "", "fp4x"])
+def test_unknown_quant_type_is_invalid_and_named(value: str) -> None:
+    with pytest.raises(GolemError) as info:
+        resolve_placement(
+            "cpu", QuantizationRequest(load_in_4bit=True, quant_type=value), QuantizationDefault()
+        )
+    assert (info.value.code, info.value.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "quantization.bnb_4bit_quant_type",
+    )
+
+
+@pytest.mark.skipif(not bitsandbytes_installed(), reason="needs bitsandbytes")
+def test_4bit_settings_come_from_the_request_else_the_config() -> None:
+    default = QuantizationDefault("4bit", compute_dtype="bfloat16", quant_type="nf4")
+    placement = resolve_placement("cpu", QuantizationRequest(), default)
+    assert (placement.load_in_4bit, placement.compute_dtype, placement.quant_type) == (
+        True,
+        "bfloat16",
+        "nf4",
+    )
+    asked = QuantizationRequest(quant_type="FP4", double_quant=True, compute_dtype="float32")
+    placement = resolve_placement("cpu", asked, default)
+    assert (placement.quant_type, placement.double_quant, placement.dtype) == (
+        "fp4",
+        True,
+        "float32",
+    )
+
+
+def test_4bit_settings_do_not_split_full_precision_bases() -> None:
+    """Without 4 bit the 4-bit settings mean nothing, so they never make another resident base."""
+    a = resolve_placement("cpu", QuantizationRequest(load_in_4bit=False), QuantizationDefault())
+    b = resolve_placement(
+        "cpu",
+        QuantizationRequest(load_in_4bit=False, quant_type="nf4", double_quant=True),
+        QuantizationDefault(),
+    )
+    assert a == b

@@ -123,6 +123,44 @@ def build_foreign_adapters(root: Path) -> dict[str, str]:
     return {"adapter_other_size": str(other_size), "adapter_other_arch": str(other_arch)}
 
 
+def build_gpt2(root: Path, n_embd: int = 64, name: str = "gpt2") -> dict[str, str]:
+    """A 2-layer GPT-2 (Conv1D projections, which 4-bit loading turns into Linear4bit) with the
+    tokenizer above, and a LoRA on its c_attn that changes its answers. Returns the model and
+    adapter folders (keys "model", "adapter")."""
+    model_dir = root / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(model_dir)
+    torch.manual_seed(5)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=256,
+            n_embd=n_embd,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    gpt2.save_pretrained(model_dir, safe_serialization=True)
+    torch.manual_seed(6)
+    lora = LoraConfig(
+        r=4,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(gpt2, lora)
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "lora_B" in param_name:
+                param.mul_(20.0)
+    adapter_dir = root / f"{name}_adapter"
+    peft_model.save_pretrained(adapter_dir, safe_serialization=True)
+    return {"model": str(model_dir), "adapter": str(adapter_dir)}
+
+
 def build_all(root: Path) -> dict[str, str]:
     model = build_model(root / "model")
     adapter = build_adapter(model, root / "adapter", seed=1)

@@ -20,8 +20,8 @@ const USAGE = `usage:
   golem compare '<json>' [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
 
 exam input: the proto3 JSON of TakeExamRequest: modelName, adapterPath, adapterName, prompt,
-  maxNewTokens, device, quantization {loadIn4Bit, bnb4BitComputeDtype}, expectedAnswer,
-  disableAdapter, temperature, topP, topK, seed, stop, repetitionPenalty.
+  maxNewTokens, device, quantization {loadIn4Bit, bnb4BitComputeDtype, bnb4BitQuantType,
+  bnb4BitUseDoubleQuant}, expectedAnswer, disableAdapter, temperature, topP, topK, seed, stop, repetitionPenalty.
 exam --stream prints the answer on stderr as it is generated; stdout gets the usual JSON line.
 compare input: the proto3 JSON of CompareAdaptersRequest: {"prompts": [...], "adapters": [...], "modelName"?, "maxNewTokens"?};
   it prints a table on stderr: per prompt, each model's answer, tokens and mean log-prob under each model.

@@ -118,6 +118,30 @@ describe('loadConfig', () => {
   it('reads the seed profile with its 4-bit quantization object', () => {
     const config = loadConfig({ file: path.join(PACKAGE_ROOT, 'config', 'seed.json'), env: {} });
     expect(config.defaults.quantization).toEqual({ loadIn4Bit: true, bnb4BitComputeDtype: 'float16' });
+    // A local base, since no hub is needed: the embedded default's GGUF and the demo adapter.
+    expect(config.defaults).toMatchObject({
+      modelName: 'models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf',
+      adapterPath: 'models/adapters/genres/checkpoint-final',
+      device: 'auto',
+      maxNewTokens: 20,
+    });
+  });
+
+  it("takes the 4-bit settings and the plain modes; their values are the sidecar's to check", () => {
+    for (const quantization of [
+      'none',
+      '4bit',
+      { loadIn4Bit: true, bnb4BitQuantType: 'nf4', bnb4BitUseDoubleQuant: true },
+    ]) {
+      const file = writeConfig('q.json', (raw) => {
+        raw.defaults.quantization = quantization;
+      });
+      expect(loadConfig({ file, env: {} }).defaults.quantization).toEqual(quantization);
+    }
+    const bad = writeConfig('bad.json', (raw) => {
+      raw.defaults.quantization = { loadIn4Bit: true, bnb4BitUseDoubleQuant: 'yes' };
+    });
+    expect(() => loadConfig({ file: bad, env: {} })).toThrow(/defaults\.quantization/);
   });
 
   it('takes --config over GOLEM_CONFIG over the default', () => {

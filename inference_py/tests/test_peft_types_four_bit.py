@@ -1,0 +1,175 @@
+"""Any mix of PEFT types on a 4-bit base: each adapter answers as plain transformers + peft +
+bitsandbytes does with it alone (attached before the first forward pass, as plain peft does),
+whenever golem attached it, and in mixed, concurrent batches. LoHa and LoKr, which peft cannot apply to 4-bit layers, are
+refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from functools import cache
+
+import grpc
+import pytest
+import pytest_asyncio
+import torch
+from bitsandbytes.functional import has_avx512bf16
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from golem_sidecar.adapters import check_adapter_folder
+from golem_sidecar.config import QuantizationDefault, Security
+from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.errors import GolemError
+from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+from golem_sidecar.models import ResidentModels, peft_name
+from golem_sidecar.placement import Placement
+from golem_sidecar.server import Sidecar
+from tests.conftest import tiny_config
+from tests.test_generation import PROMPTS
+from tests.tiny_models import local_model
+
+Stub = exam_pb2_grpc.ExamServiceStub
+TOKENS = 8
+# The seed's quant type, and float32 compute so the unfused parts round as in full precision.
+QUANT = "nf4"
+COMPUTE = "float32"
+FOUR_BIT = Placement("cpu", COMPUTE, True, COMPUTE, QUANT, False)
+KINDS_4BIT = ("lora", "dora", "rslora", "ia3", "adalora")
+BARE = "bare"
+MIXED_PROMPTS = [*PROMPTS, "Books", "Instruction: Which genre is Dracula?\nResponse:", "fox"]
+
+
+@cache
+def _plain(model_dir: str, adapter_dir: str | None, prompt: str) -> list[int]:
+    """The plain recipe alone: a 4-bit base, the adapter attached before any forward pass, greedy
+    generate(): the new token ids."""
+    dtype = getattr(torch, COMPUTE)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=dtype,
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type=QUANT
+        ),
+    )
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            return_dict_in_generate=True,
+        )
+    ids = [int(t) for t in out.sequences[0, inputs["input_ids"].shape[1] :]]
+    return ids
+
+
+def _alone(models: ResidentModels, base, adapter: str | None, prompt: str) -> list[int]:  # type: ignore[no-untyped-def]
+    row = Row(list(base.tokenizer(prompt)["input_ids"]), adapter, TOKENS, threading.Event())
+    decode_batch(base.lane(adapter), base.tokenizer, [row], "cpu")
+    return row.generated
+
+
+def test_adapters_attached_after_the_base_ran_answer_as_plain_peft(
+    tiny: dict[str, str], kinds: dict[str, str]
+) -> None:
+    """bitsandbytes' fused CPU kernel repacks 4-bit layers on their first forward pass; peft
+    attaching later would scramble their scales (bnb_state.py). Here the base answers first, then
+    every type is attached, and each answer (and the bare base's, again) equals the plain
+    recipe's token for token, since one row alone has no batch to differ from."""
+    models = ResidentModels(Security())
+    base, _ = models.base(local_model(tiny["model"]), FOUR_BIT)
+    prompt = MIXED_PROMPTS[1]
+    assert _alone(models, base, None, prompt) == _plain(tiny["model"], None, prompt)
+    if has_avx512bf16():
+        weights = (getattr(m, "weight", None) for m in base.model.modules())
+        packed = [
+            w
+            for w in weights
+            if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False)
+        ]
+        assert packed, "on this CPU the fused kernel packs the layers: the case under test"
+    for kind in KINDS_4BIT:
+        name, _ = models.adapter(base, check_adapter_folder(kinds[kind], allow_pickle=False))
+        got = _alone(models, base, peft_name(name), prompt)
+        assert got == _plain(tiny["model"], kinds[kind], prompt), kind
+    assert _alone(models, base, None, prompt) == _plain(tiny["model"], None, prompt)
+
+
+@pytest_asyncio.fixture
+async def four_bit_stub(tiny: dict[str, str]) -> AsyncIterator[Stub]:
+    """A fresh sidecar whose default is the tiny base in 4 bit, nothing attached yet."""
+    config = tiny_config(tiny)
+    quantization = QuantizationDefault(mode="4bit", compute_dtype=COMPUTE, quant_type=QUANT)
+    sidecar = Sidecar(
+        replace(
+            config,
+            defaults=replace(config.defaults, quantization=quantization),
+            limits=replace(config.limits, batch_wait_ms=50, max_batch_size=32),
+            preload=False,
+        )
+    )
+    await sidecar.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        yield exam_pb2_grpc.ExamServiceStub(channel)
+    await sidecar.stop(0)
+
+
+def _request(kind: str, prompt: str, kinds: dict[str, str]) -> exam_pb2.TakeExamRequest:
+    request = exam_pb2.TakeExamRequest(
+        prompt=prompt,
+        max_new_tokens=TOKENS,
+        quantization=exam_pb2.Quantization(
+            load_in_4bit=True, bnb_4bit_compute_dtype=COMPUTE, bnb_4bit_quant_type=QUANT
+        ),
+    )
+    if kind == BARE:
+        request.disable_adapter = True
+    else:
+        request.adapter_path = kinds[kind]
+    return request
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+async def test_48_interleaved_4bit_requests_of_mixed_types_answer_as_plain_alone(
+    four_bit_stub: Stub, tiny: dict[str, str], kinds: dict[str, str], order: str
+) -> None:
+    """6 kinds (5 adapter types and the bare base) x 8 prompts at once, in both orders, each
+    answer equal to plain peft's alone token for token. With float32 compute a batch moves the
+    tiny base's 4-bit logits by nothing (test_four_bit.py measures the other compute dtypes,
+    where a batch may take the other token at a near tie)."""
+    prompts = [*MIXED_PROMPTS, "Instruction:", "The quick brown fox jumps"]
+    cases = [(k, p) for p, k in itertools.product(prompts, (BARE, *KINDS_4BIT))]
+    if order == "reversed":
+        cases.reverse()
+    assert len(cases) == 48
+    responses = await asyncio.gather(
+        *(four_bit_stub.TakeExam(_request(k, p, kinds), timeout=300) for k, p in cases)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    for (kind, prompt), response in zip(cases, responses, strict=True):
+        assert response.model.quantization.load_in_4bit
+        ids = _plain(tiny["model"], None if kind == BARE else kinds[kind], prompt)
+        assert response.answer == tokenizer.decode(ids, skip_special_tokens=True), (kind, prompt)
+    assert max(r.batch_size for r in responses) > 1, "the requests should have shared batches"
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_are_refused_on_a_4bit_base_by_name(
+    tiny: dict[str, str], kinds: dict[str, str], kind: str
+) -> None:
+    models = ResidentModels(Security())
+    base, _ = models.base(local_model(tiny["model"]), FOUR_BIT)
+    with pytest.raises(GolemError) as info:
+        models.adapter(base, check_adapter_folder(kinds[kind], allow_pickle=False))
+    assert info.value.reason == "ADAPTER_TYPE_UNSUPPORTED"
+    assert kind.upper() in str(info.value) and "load_in_4bit=false" in str(info.value)
+    assert not base.wrappers, "refused before peft touched anything"
