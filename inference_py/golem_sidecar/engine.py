@@ -112,13 +112,15 @@ class ExamEngine:
             queue = self._queues.get(key)
             if queue is None:
                 queue = self._queues[key] = BatchQueue(self._limits, self._run_batch)
-        self._prune_queues()
+        self._prune_queues(keep=key)
         return queue, load_ns
 
-    def _prune_queues(self) -> None:
-        """Drops the idle queues of bases that were evicted (limits.maxModels)."""
+    def _prune_queues(self, keep: BaseKey | None = None) -> None:
+        """Drops the idle queues of bases that were evicted (limits.maxModels), never ``keep``:
+        the queue a caller is about to submit to, whose base another load may have evicted while
+        this one waited (a stopped queue would hold that caller's request forever)."""
         for key, queue in list(self._queues.items()):
-            if queue.idle and not self._models.has(key):
+            if key != keep and queue.idle and not self._models.has(key):
                 queue.stop()
                 del self._queues[key]
 

@@ -32,7 +32,8 @@ describe('parseExamInput', () => {
     // The bytes are the request itself, as the generated code reads it.
     expect(parsed.ok && TakeExamRequest.decode(parsed.bytes)).toEqual({
       ...input,
-      quantization: { loadIn4bit: true, bnb4bitComputeDtype: 'float16' },
+      // effective_compute_dtype is output only (a plain proto3 string): "" in a request.
+      quantization: { loadIn4bit: true, bnb4bitComputeDtype: 'float16', effectiveComputeDtype: '' },
       stop: [],
     });
   });
