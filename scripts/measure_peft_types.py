@@ -46,8 +46,9 @@ def build_others(ref: ModelRef, out: Path) -> dict[str, Path]:
     """IA3, LoHa and LoKr adapters for the default base, on the demo LoRA's modules (run in a
     child process, so the RSS measured here starts clean)."""
     configs = {
-        "IA3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                         feedforward_modules=["down_proj"]),
+        "IA3": IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
         "LOHA": LoHaConfig(r=8, alpha=16, target_modules=TARGETS, init_weights=False),
         "LOKR": LoKrConfig(r=8, alpha=16, target_modules=TARGETS, init_weights=False),
     }
@@ -77,13 +78,17 @@ def main() -> None:
         for kind, path in [("LORA", LORA), *others.items()]:
             started = time.perf_counter()
             models.adapter(base, check_adapter_folder(str(path), allow_pickle=False))
-            print(json.dumps({
-                "step": f"first {kind} adapter attached",
-                "rss_mib": round(rss_mib(), 1),
-                "footprint_bytes": base.footprint_bytes(),
-                "attach_ms": round((time.perf_counter() - started) * 1000),
-                "wrappers": sorted(base.wrappers),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "step": f"first {kind} adapter attached",
+                        "rss_mib": round(rss_mib(), 1),
+                        "footprint_bytes": base.footprint_bytes(),
+                        "attach_ms": round((time.perf_counter() - started) * 1000),
+                        "wrappers": sorted(base.wrappers),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

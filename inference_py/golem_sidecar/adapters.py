@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from peft import PeftType
 from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors import SafetensorError, safe_open
@@ -159,7 +160,9 @@ def refuse_on_4bit(folder: AdapterFolder, model_name: str) -> None:
 
 
 def _is_prompt_learning(peft_type: str) -> bool:
-    config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if peft_type not in PeftType.__members__:
+        return False
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(PeftType[peft_type])
     return config_class is not None and issubclass(config_class, PromptLearningConfig)
 
 

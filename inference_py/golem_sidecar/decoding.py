@@ -1,9 +1,10 @@
 """Decoding a batch of rows together, one token step at a time, on one resident base.
 
-All rows of a batch are in one lane (lanes.py): one module serves them all, routing each to
-its adapter where peft can. Each row has its own prompt, adapter, sampling settings, stop sequences, token budget and cancel flag, so batching never changes an answer:
-greedy rows give exactly what they give alone. Rows that finish leave the batch (their slice of
-the KV cache is dropped) so the others run on without them.
+All rows of a batch are in one lane (lanes.py): one module serves them all, routing each to its
+adapter where peft can. Each row has its own prompt, adapter, sampling settings, stop sequences,
+token budget and cancel flag, so batching never changes an answer: greedy rows give exactly what
+they give alone. Rows that finish leave the batch (their slice of the KV cache is dropped) so the
+others run on without them.
 """
 
 from __future__ import annotations

@@ -188,8 +188,9 @@ def _check_fused_kernel_shapes(model: PreTrainedModel, placement: Placement) -> 
 def memory_footprint_bytes(*models: Any) -> int:
     """Bytes held by resident models' tensors now: parameters and buffers (attached adapters'
     included) and bitsandbytes' 4-bit scales, which live outside both. Each storage counts once
-    (tied weights, and a base's weights that its peft wrappers share). Unlike transformers' get_memory_footprint it sees the 4-bit scales and the
-    fused CPU kernel's repacking after the first forward pass."""
+    (tied weights, and a base's weights that its peft wrappers share). Unlike transformers'
+    get_memory_footprint it sees the 4-bit scales and the fused CPU kernel's repacking after the
+    first forward pass."""
     seen: set[tuple[str, int]] = set()
     total = 0
 

@@ -112,9 +112,7 @@ def sharing_weights(model: PreTrainedModel) -> PreTrainedModel:
     """A copy of the model's module tree whose parameters and buffers are the original's own
     tensors: peft may inject layers into the copy without touching the original, and no weight
     is duplicated (tied weights stay tied, 4-bit weights keep their quantization state)."""
-    memo: dict[int, Any] = {
-        id(t): t for t in itertools.chain(model.parameters(), model.buffers())
-    }
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
 
 

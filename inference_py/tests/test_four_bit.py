@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarConfig
 from golem_sidecar.config import Security as SecurityConfig
 from golem_sidecar.decoding import Row, decode_batch
-from golem_sidecar.lanes import Lane
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+from golem_sidecar.lanes import Lane
 from golem_sidecar.loading import load_model, load_tokenizer, memory_footprint_bytes
 from golem_sidecar.placement import (
     Placement,

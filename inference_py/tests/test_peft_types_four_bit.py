@@ -1,7 +1,7 @@
 """Any mix of PEFT types on a 4-bit base: each adapter answers as plain transformers + peft +
 bitsandbytes does with it alone (attached before the first forward pass, as plain peft does),
-whenever golem attached it, and in mixed, concurrent batches. LoHa and LoKr, which peft cannot apply to 4-bit layers, are
-refused by name."""
+whenever golem attached it, and in mixed, concurrent batches. LoHa and LoKr, which peft cannot apply
+to 4-bit layers, are refused by name."""
 
 from __future__ import annotations
 
