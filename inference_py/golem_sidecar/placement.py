@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,29 +121,45 @@ def effective_compute_dtype(placement: Placement) -> str:
     return placement.compute_dtype
 
 
+def _chosen(
+    asked: str | None,
+    default: str,
+    normalize: Callable[[str], str | None],
+    field: str,
+    what: str,
+    choices: str,
+) -> str:
+    """The request's value, normalized (INVALID_ARGUMENT naming ``field`` when it is none of
+    ``choices``), or the config's default when the request left it out."""
+    if asked is None:
+        return default
+    normalized = normalize(asked)
+    if normalized is None:
+        raise invalid_argument(field, f"unknown {what} {_shown(asked)}; use {choices}")
+    return normalized
+
+
 def resolve_placement(
     device_name: str, quant: QuantizationRequest, default: QuantizationDefault
 ) -> Placement:
     """Decides device, dtype and quantization for one request."""
     device = resolve_device(device_name)
-    compute = default.compute_dtype
-    if quant.compute_dtype is not None:
-        normalized = normalize_compute_dtype(quant.compute_dtype)
-        if normalized is None:
-            raise invalid_argument(
-                "quantization.bnb_4bit_compute_dtype",
-                f"unknown dtype {_shown(quant.compute_dtype)}; use float16, bfloat16 or float32",
-            )
-        compute = normalized
-    quant_type = default.quant_type
-    if quant.quant_type is not None:
-        normalized = normalize_quant_type(quant.quant_type)
-        if normalized is None:
-            raise invalid_argument(
-                "quantization.bnb_4bit_quant_type",
-                f"unknown 4-bit type {_shown(quant.quant_type)}; use {' or '.join(QUANT_TYPES)}",
-            )
-        quant_type = normalized
+    compute = _chosen(
+        quant.compute_dtype,
+        default.compute_dtype,
+        normalize_compute_dtype,
+        "quantization.bnb_4bit_compute_dtype",
+        "dtype",
+        "float16, bfloat16 or float32",
+    )
+    quant_type = _chosen(
+        quant.quant_type,
+        default.quant_type,
+        normalize_quant_type,
+        "quantization.bnb_4bit_quant_type",
+        "4-bit type",
+        " or ".join(QUANT_TYPES),
+    )
     double_quant = default.double_quant if quant.double_quant is None else quant.double_quant
     if quant.load_in_4bit is not None:
         want_4bit = quant.load_in_4bit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -53,6 +54,19 @@ def tiny_config(
     return SidecarConfig(
         listen=listen, defaults=defaults, limits=Limits(max_new_tokens_cap=CAP), **overrides
     )
+
+
+@contextlib.asynccontextmanager
+async def serving(config: SidecarConfig) -> AsyncIterator[exam_pb2_grpc.ExamServiceStub]:
+    """A real sidecar of its own for ``config``, in this process on a free loopback port, and a
+    stub to call it; stopped on leaving."""
+    server = Sidecar(config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield exam_pb2_grpc.ExamServiceStub(channel)
+    finally:
+        await server.stop(0)
 
 
 @pytest_asyncio.fixture(scope="session")

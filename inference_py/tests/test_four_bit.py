@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoTokenizer
 
 from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarConfig
 from golem_sidecar.config import Security as SecurityConfig
@@ -30,8 +30,8 @@ from golem_sidecar.placement import (
     effective_compute_dtype,
     fused_cpu_kernel,
 )
-from golem_sidecar.server import Sidecar
-from tests.conftest import CAP
+from tests.conftest import CAP, serving
+from tests.plain_recipe import four_bit_model, greedy
 from tests.rpc import failure
 from tests.tiny_models import SEED_PROMPT, build_gpt2, local_model
 
@@ -67,45 +67,15 @@ async def stub(tiny: dict[str, str]) -> AsyncIterator[Stub]:
         limits=Limits(max_new_tokens_cap=CAP, batch_wait_ms=300),
         security=SecurityConfig(),
     )
-    sidecar = Sidecar(config)
-    await sidecar.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield exam_pb2_grpc.ExamServiceStub(channel)
-    await sidecar.stop(0)
+    async with serving(config) as stub:
+        yield stub
 
 
 @cache
 def _plain(model_dir: str, adapter_dir: str, quant_type: str, compute: str) -> tuple:
-    """The recipe golem replaces: from_pretrained with a BitsAndBytesConfig, PeftModel on top,
-    greedy generate(), one prompt at a time. Per prompt: the new token ids, and at each step the
-    gap between the two highest scores (how near a tie that step was)."""
-    dtype = getattr(torch, compute)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype,
-        device_map="cpu",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type=quant_type
-        ),
-    )
-    model = PeftModel.from_pretrained(model, adapter_dir)
-    answers = []
-    for prompt in PROMPTS:
-        inputs = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **inputs,
-                max_new_tokens=TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
-                output_scores=True,
-                return_dict_in_generate=True,
-            )
-        ids = [int(t) for t in out.sequences[0, inputs["input_ids"].shape[1] :]]
-        top2 = [torch.topk(step[0].float(), 2).values for step in out.scores]
-        answers.append((ids, [float(t[0] - t[1]) for t in top2]))
-    return tuple(answers)
+    """The plain recipe's answer to each prompt: new token ids and each step's top-two gap."""
+    model = four_bit_model(model_dir, adapter_dir, quant_type, compute)
+    return tuple(greedy(model, model_dir, prompt, TOKENS) for prompt in PROMPTS)
 
 
 def _decoded(model_dir: str, ids: list[int]) -> tuple[str, int]:

@@ -22,8 +22,7 @@ from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.loading import memory_footprint_bytes
 from golem_sidecar.models import ResidentModels
 from golem_sidecar.placement import Placement
-from golem_sidecar.server import Sidecar
-from tests.conftest import tiny_config
+from tests.conftest import serving, tiny_config
 from tests.peft_kinds import SERVED_KINDS, build_prompt_learning
 from tests.rpc import failure
 from tests.test_generation import PROMPTS, _plain_answer
@@ -70,11 +69,8 @@ async def fresh_stub(tiny: dict[str, str]) -> AsyncIterator[exam_pb2_grpc.ExamSe
     """A sidecar of its own, with no adapter loaded yet, so load order is the test's."""
     config = tiny_config(tiny)
     limits = replace(config.limits, batch_wait_ms=50, max_batch_size=32)
-    sidecar = Sidecar(replace(config, limits=limits))
-    await sidecar.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield exam_pb2_grpc.ExamServiceStub(channel)
-    await sidecar.stop(0)
+    async with serving(replace(config, limits=limits)) as stub:
+        yield stub
 
 
 def _request(kind: str, prompt: str, kinds: dict[str, str]) -> exam_pb2.TakeExamRequest:

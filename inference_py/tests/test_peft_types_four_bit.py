@@ -10,15 +10,11 @@ import itertools
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from functools import cache
 
-import grpc
 import pytest
 import pytest_asyncio
-import torch
 from bitsandbytes.functional import has_avx512bf16
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoTokenizer
 
 from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.config import QuantizationDefault, Security
@@ -27,8 +23,8 @@ from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.models import ResidentModels, peft_name
 from golem_sidecar.placement import Placement
-from golem_sidecar.server import Sidecar
-from tests.conftest import tiny_config
+from tests.conftest import serving, tiny_config
+from tests.plain_recipe import four_bit_model, greedy
 from tests.test_generation import PROMPTS
 from tests.tiny_models import local_model
 
@@ -43,33 +39,10 @@ BARE = "bare"
 MIXED_PROMPTS = [*PROMPTS, "Books", "Instruction: Which genre is Dracula?\nResponse:", "fox"]
 
 
-@cache
 def _plain(model_dir: str, adapter_dir: str | None, prompt: str) -> list[int]:
-    """The plain recipe alone: a 4-bit base, the adapter attached before any forward pass, greedy
-    generate(): the new token ids."""
-    dtype = getattr(torch, COMPUTE)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype,
-        device_map="cpu",
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type=QUANT
-        ),
-    )
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=TOKENS,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-            return_dict_in_generate=True,
-        )
-    ids = [int(t) for t in out.sequences[0, inputs["input_ids"].shape[1] :]]
-    return ids
+    """The plain recipe alone: the adapter attached before any forward pass, greedy."""
+    model = four_bit_model(model_dir, adapter_dir, QUANT, COMPUTE)
+    return greedy(model, model_dir, prompt, TOKENS)[0]
 
 
 def _alone(models: ResidentModels, base, adapter: str | None, prompt: str) -> list[int]:  # type: ignore[no-untyped-def]
@@ -109,18 +82,14 @@ async def four_bit_stub(tiny: dict[str, str]) -> AsyncIterator[Stub]:
     """A fresh sidecar whose default is the tiny base in 4 bit, nothing attached yet."""
     config = tiny_config(tiny)
     quantization = QuantizationDefault(mode="4bit", compute_dtype=COMPUTE, quant_type=QUANT)
-    sidecar = Sidecar(
-        replace(
-            config,
-            defaults=replace(config.defaults, quantization=quantization),
-            limits=replace(config.limits, batch_wait_ms=50, max_batch_size=32),
-            preload=False,
-        )
+    config = replace(
+        config,
+        defaults=replace(config.defaults, quantization=quantization),
+        limits=replace(config.limits, batch_wait_ms=50, max_batch_size=32),
+        preload=False,
     )
-    await sidecar.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield exam_pb2_grpc.ExamServiceStub(channel)
-    await sidecar.stop(0)
+    async with serving(config) as stub:
+        yield stub
 
 
 def _request(kind: str, prompt: str, kinds: dict[str, str]) -> exam_pb2.TakeExamRequest:
