@@ -163,8 +163,8 @@ class ExamEngine:
             prepared = self._prepare(base, batch, started, base_ns, outcomes)
         except GolemError as err:
             return [err for _ in batch]
+        limits = (self._limits.max_batch_size, self._max_tokens)
         for lane, items in group_by_lane(prepared, _adapter, base.lane):
-            limits = (self._limits.max_batch_size, self._max_tokens)
             for group in split_passes(items, _width, *limits):
                 rows = [p.row for p in group]
                 decode_started = time.perf_counter_ns()
