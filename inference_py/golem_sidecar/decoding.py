@@ -18,9 +18,16 @@ import grpc
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from golem_sidecar.detokenize import Detokenizer
 from golem_sidecar.errors import GolemError, invalid_argument
 from golem_sidecar.lanes import Lane
-from golem_sidecar.sampling import NonFiniteScores, SamplingParams, choose_next, make_generator
+from golem_sidecar.sampling import (
+    NonFiniteScores,
+    SamplingParams,
+    choose_next,
+    greedy_picks,
+    make_generator,
+)
 
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos"
@@ -49,6 +56,7 @@ class Row:
     finish_reason: str = ""
     error: GolemError | None = None
     _emitted: int = 0
+    _text: Detokenizer | None = None
 
     @property
     def done(self) -> bool:
@@ -103,19 +111,28 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 def _advance(row: Row, token: int, tokenizer: PreTrainedTokenizerBase, eos: set[int]) -> None:
-    """Adds one token to a row and decides whether the row is finished."""
-    row.generated.append(token)
-    text = str(tokenizer.decode(row.generated, skip_special_tokens=True))
-    cut = min((text.find(s) for s in row.stop if s in text), default=-1)
-    if cut >= 0:
-        row.answer, row.finish_reason = text[:cut], FINISH_STOP
-    else:
-        row.answer = text
-        if token in eos:
-            row.finish_reason = FINISH_EOS
-        elif len(row.generated) >= row.max_new_tokens:
-            row.finish_reason = FINISH_LENGTH
+    """Adds one token to a row and decides whether the row is finished. Only the new token's
+    text is decoded, and stop sequences are looked for only where the new text could complete
+    one; a finished row's answer is the whole answer decoded once, as plain decode gives it."""
+    if row._text is None:
+        row._text = Detokenizer(tokenizer, row.generated)
+    checked = len(row._text.text)
+    row._text.push(token)
+    row.answer = row._text.text
+    if _stop_in(row.answer, row.stop, checked):
+        full = row._text.final()
+        cut = min((full.find(s) for s in row.stop if s in full), default=len(full))
+        row.answer, row.finish_reason = full[:cut], FINISH_STOP
+    elif token in eos or len(row.generated) >= row.max_new_tokens:
+        row.answer = row._text.final()
+        row.finish_reason = FINISH_EOS if token in eos else FINISH_LENGTH
     _stream(row)
+
+
+def _stop_in(text: str, stops: tuple[str, ...], checked: int) -> bool:
+    """Whether a stop sequence ends in the text past ``checked`` (the text before it held
+    none)."""
+    return any(text.find(s, max(0, checked - len(s) + 1)) >= 0 for s in stops)
 
 
 def _stream(row: Row) -> None:
@@ -193,15 +210,22 @@ def decode_batch(
     with torch.inference_mode():
         batch = _Batch(lane, rows, pad_id(tokenizer), device)
         while batch.rows:
+            # Plain greedy rows take their argmax in one operation over the whole batch.
+            picks, finite = greedy_picks(batch.logits)
             tokens = []
-            for row, logits in zip(batch.rows, batch.logits, strict=True):
+            for i, row in enumerate(batch.rows):
                 if row.cancelled.is_set():
                     row.finish_reason = FINISH_CANCELLED
                     tokens.append(0)
                     continue
-                seen = row.prompt_ids + row.generated
                 try:
-                    token = choose_next(logits, row.params, generators[id(row)], seen)
+                    if row.params.plain_greedy:
+                        if not finite[i]:
+                            raise NonFiniteScores("model")
+                        token = picks[i]
+                    else:
+                        seen = row.prompt_ids + row.generated
+                        token = choose_next(batch.logits[i], row.params, generators[id(row)], seen)
                 except NonFiniteScores as exc:
                     # This row alone leaves the batch with its own error; the others go on.
                     row.finish_reason, row.error = FINISH_ERROR, row_failed(row.params, exc)

@@ -6,7 +6,8 @@ So a base keeps one peft wrapper per adapter type (models.py), and a batch is cu
 
 - the bare base's rows, on the base itself;
 - plain LoRA rows (rsLoRA included) and bare rows, together on the LoRA wrapper, each row
-  routed to its adapter by ``adapter_names`` (the bare ones to peft's ``__base__``);
+  routed to its adapter by ``adapter_names`` (the bare ones to peft's ``__base__``), or, when
+  they all wear one adapter, with that adapter active (no per-row dispatch);
 - one lane per adapter of every other kind (DoRA, IA3, LoHa, LoKr, AdaLoRA), on its type's
   wrapper with that adapter active, since peft cannot route rows among them.
 
@@ -71,4 +72,17 @@ def group_by_lane(
         else:
             lane = lane_of(None)
             lanes[lane.key] = (lane, bare)
-    return list(lanes.values())
+    return [_fast(lane, members, adapter_of) for lane, members in lanes.values()]
+
+
+def _fast(
+    lane: Lane, members: list[T], adapter_of: Callable[[T], str | None]
+) -> tuple[Lane, list[T]]:
+    """A routed lane whose rows all wear one adapter runs with that adapter active instead:
+    peft's plain forward, without the per-row dispatch of ``adapter_names``."""
+    if not lane.routed:
+        return lane, members
+    worn = {adapter_of(item) for item in members}
+    if len(worn) != 1 or None in worn:
+        return lane, members
+    return Lane(lane.model, active=worn.pop()), members

@@ -43,6 +43,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < TEMPERATURE_FLOOR
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to adjust first: the batch's argmax is this row's token."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     """A CPU generator seeded for this request, or None for greedy decoding."""
@@ -99,6 +104,13 @@ def choose_next(
     _check_finite(logits, "sampling")
     probs = logits.softmax(-1).cpu()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def greedy_picks(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Every row's argmax, and whether its scores are usable (no NaN, no +inf), in one pass over
+    the batch's last-position logits; choose_next gives the same token for a plain greedy row."""
+    usable = ~(torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1))
+    return logits.argmax(-1).tolist(), usable.tolist()
 
 
 def _check_finite(logits: torch.Tensor, stage: str) -> None:
