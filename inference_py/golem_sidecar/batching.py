@@ -71,7 +71,8 @@ class BatchQueue:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, reserved or running: the queue can go without losing work."""
+        """Nothing queued, reserved, gathering or running: the queue can go without losing
+        work."""
         return self._queue.empty() and not self._reserved and not self._busy
 
     def submit(self, pending: Pending) -> None:
@@ -93,8 +94,8 @@ class BatchQueue:
         finally:
             self._reserved -= rows
 
-    async def _gather(self) -> list[Pending]:
-        batch = [await self._queue.get()]
+    async def _gather(self, first: Pending) -> list[Pending]:
+        batch = [first]
         deadline = asyncio.get_running_loop().time() + self._limits.batch_wait_s
         while len(batch) < self._limits.max_batch_size:
             # Whatever is already queued joins at once; then wait out the rest of the window.
@@ -113,12 +114,15 @@ class BatchQueue:
 
     async def _serve(self) -> None:
         while True:
-            batch = await self._gather()
-            if not batch:
-                continue
+            first = await self._queue.get()
+            # Busy from the first request taken: a batch still gathering holds requests that
+            # are no longer in the queue, so the queue must not look idle (and be stopped).
             self._busy = True
+            batch: list[Pending] = []
             try:
-                await self._run_batch(batch)
+                batch = await self._gather(first)
+                if batch:
+                    await self._run_batch(batch)
             except Exception as exc:  # one broken batch must not stop the queue
                 log.exception("batch failed")
                 for pending in batch:

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 from golem_sidecar.config import Limits
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.server import Sidecar
-from tests.conftest import CAP, tiny_config
+from tests.conftest import CAP, serving, tiny_config
 from tests.test_generation import _decode, _plain_answer
 from tests.tiny_models import SEED_PROMPT
 
@@ -204,3 +204,55 @@ def test_limits_reach_the_sidecar_config() -> None:
     )
     with pytest.raises(ConfigError, match=r"limits\.maxQueue"):
         parse_config({"limits": {"maxQueue": 0}})
+
+
+async def test_a_queue_gathering_a_batch_is_not_idle() -> None:
+    """Requests taken out of the queue while a batch gathers are still this queue's work: were it
+    called idle then, its base's eviction would stop it and leave them unanswered."""
+    import threading
+
+    from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
+
+    ran: list[int] = []
+
+    async def run_batch(batch: list[Pending]) -> None:
+        ran.append(len(batch))
+        for pending in batch:
+            pending.future.set_result(None)
+
+    queue = BatchQueue(BatchLimits(max_batch_size=4, batch_wait_s=0.3, max_queue=8), run_batch)
+    loop = asyncio.get_running_loop()
+    pending = Pending(None, threading.Event(), loop.create_future())
+    queue.submit(pending)
+    await asyncio.sleep(0.05)  # the queue's task has taken it and waits for company
+    assert not queue.idle
+    await pending.future
+    assert ran == [1]
+    await asyncio.sleep(0)
+    assert queue.idle
+    await queue.close()
+
+
+async def test_bases_evicting_each_other_under_load_answer_every_call(
+    tiny: dict[str, str],
+) -> None:
+    """One resident base at most, and requests for two placements of the tiny model (float32 and
+    4 bit) interleaved: every call is answered while the bases evict each other, none waits for
+    its deadline (a gathering batch's queue used to be stopped with its requests in it)."""
+    config = tiny_config(tiny)
+    limits = replace(config.limits, max_models=1, batch_wait_ms=20)
+    four_bit = exam_pb2.Quantization(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    async with serving(replace(config, limits=limits)) as stub:
+        calls = [
+            stub.TakeExam(
+                exam_pb2.TakeExamRequest(
+                    prompt=PROMPTS[i % len(PROMPTS)],
+                    max_new_tokens=2,
+                    **({"quantization": four_bit} if i % 2 else {}),
+                ),
+                timeout=60,
+            )
+            for i in range(24)
+        ]
+        responses = await asyncio.gather(*calls)
+    assert [r.model.quantization.load_in_4bit for r in responses] == [i % 2 == 1 for i in range(24)]
