@@ -23,7 +23,7 @@ from typing import Any
 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
 
-def _packed_weights(model: Any) -> list[Any]:
+def packed_weights(model: Any) -> list[Any]:
     """The 4-bit weights bitsandbytes has packed for its fused CPU kernel."""
     found = {}
     for module in model.modules():
@@ -50,7 +50,7 @@ def _unpack(weight: Any) -> None:
 def as_loaded(model: Any) -> Iterator[None]:
     """Runs the body with every packed 4-bit layer as bitsandbytes loaded it, then puts each
     back as it was before."""
-    packed = _packed_weights(model)
+    packed = packed_weights(model)
     kept = [(w, w.data, w.quant_state, dict(vars(w.quant_state))) for w in packed]
     try:
         for weight in packed:

@@ -73,8 +73,15 @@ async def fresh_stub(tiny: dict[str, str]) -> AsyncIterator[exam_pb2_grpc.ExamSe
         yield stub
 
 
-def _request(kind: str, prompt: str, kinds: dict[str, str]) -> exam_pb2.TakeExamRequest:
-    request = exam_pb2.TakeExamRequest(prompt=prompt, max_new_tokens=NEW_TOKENS)
+def kind_request(
+    kind: str,
+    prompt: str,
+    kinds: dict[str, str],
+    max_new_tokens: int = NEW_TOKENS,
+    **fields: object,
+) -> exam_pb2.TakeExamRequest:
+    """A TakeExam wearing the adapter of that kind (BARE: none), with any other fields."""
+    request = exam_pb2.TakeExamRequest(prompt=prompt, max_new_tokens=max_new_tokens, **fields)
     if kind == BARE:
         request.disable_adapter = True
     else:
@@ -98,7 +105,7 @@ async def test_48_interleaved_requests_of_mixed_types_each_equal_plain_peft(
         cases.reverse()
     assert len(cases) == 48
     responses = await asyncio.gather(
-        *(fresh_stub.TakeExam(_request(k, p, kinds), timeout=300) for k, p in cases)
+        *(fresh_stub.TakeExam(kind_request(k, p, kinds), timeout=300) for k, p in cases)
     )
     tokenizer_decode = _decoder(tiny["model"])
     for (kind, prompt), response in zip(cases, responses, strict=True):

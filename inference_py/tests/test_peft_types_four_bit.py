@@ -13,19 +13,19 @@ from dataclasses import replace
 
 import pytest
 import pytest_asyncio
-from bitsandbytes.functional import has_avx512bf16
 from transformers import AutoTokenizer
 
 from golem_sidecar.adapters import check_adapter_folder
+from golem_sidecar.bnb_state import packed_weights
 from golem_sidecar.config import QuantizationDefault, Security
 from golem_sidecar.decoding import Row, decode_batch
 from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
-from golem_sidecar.models import ResidentModels, peft_name
-from golem_sidecar.placement import Placement
+from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
+from golem_sidecar.placement import Placement, fused_cpu_kernel
 from tests.conftest import serving, tiny_config
 from tests.plain_recipe import four_bit_model, greedy
-from tests.test_generation import PROMPTS
+from tests.test_peft_types import BARE, MIXED_PROMPTS, kind_request
 from tests.tiny_models import local_model
 
 Stub = exam_pb2_grpc.ExamServiceStub
@@ -35,8 +35,9 @@ QUANT = "nf4"
 COMPUTE = "float32"
 FOUR_BIT = Placement("cpu", COMPUTE, True, COMPUTE, QUANT, False)
 KINDS_4BIT = ("lora", "dora", "rslora", "ia3", "adalora")
-BARE = "bare"
-MIXED_PROMPTS = [*PROMPTS, "Books", "Instruction: Which genre is Dracula?\nResponse:", "fox"]
+QUANTIZATION = exam_pb2.Quantization(
+    load_in_4bit=True, bnb_4bit_compute_dtype=COMPUTE, bnb_4bit_quant_type=QUANT
+)
 
 
 def _plain(model_dir: str, adapter_dir: str | None, prompt: str) -> list[int]:
@@ -45,7 +46,7 @@ def _plain(model_dir: str, adapter_dir: str | None, prompt: str) -> list[int]:
     return greedy(model, model_dir, prompt, TOKENS)[0]
 
 
-def _alone(models: ResidentModels, base, adapter: str | None, prompt: str) -> list[int]:  # type: ignore[no-untyped-def]
+def _alone(base: ResidentBase, adapter: str | None, prompt: str) -> list[int]:
     row = Row(list(base.tokenizer(prompt)["input_ids"]), adapter, TOKENS, threading.Event())
     decode_batch(base.lane(adapter), base.tokenizer, [row], "cpu")
     return row.generated
@@ -61,20 +62,14 @@ def test_adapters_attached_after_the_base_ran_answer_as_plain_peft(
     models = ResidentModels(Security())
     base, _ = models.base(local_model(tiny["model"]), FOUR_BIT)
     prompt = MIXED_PROMPTS[1]
-    assert _alone(models, base, None, prompt) == _plain(tiny["model"], None, prompt)
-    if has_avx512bf16():
-        weights = (getattr(m, "weight", None) for m in base.model.modules())
-        packed = [
-            w
-            for w in weights
-            if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False)
-        ]
-        assert packed, "on this CPU the fused kernel packs the layers: the case under test"
+    assert _alone(base, None, prompt) == _plain(tiny["model"], None, prompt)
+    if fused_cpu_kernel():
+        assert packed_weights(base.model), "the fused kernel packed the layers: the case tested"
     for kind in KINDS_4BIT:
         name, _ = models.adapter(base, check_adapter_folder(kinds[kind], allow_pickle=False))
-        got = _alone(models, base, peft_name(name), prompt)
+        got = _alone(base, peft_name(name), prompt)
         assert got == _plain(tiny["model"], kinds[kind], prompt), kind
-    assert _alone(models, base, None, prompt) == _plain(tiny["model"], None, prompt)
+    assert _alone(base, None, prompt) == _plain(tiny["model"], None, prompt)
 
 
 @pytest_asyncio.fixture
@@ -92,21 +87,6 @@ async def four_bit_stub(tiny: dict[str, str]) -> AsyncIterator[Stub]:
         yield stub
 
 
-def _request(kind: str, prompt: str, kinds: dict[str, str]) -> exam_pb2.TakeExamRequest:
-    request = exam_pb2.TakeExamRequest(
-        prompt=prompt,
-        max_new_tokens=TOKENS,
-        quantization=exam_pb2.Quantization(
-            load_in_4bit=True, bnb_4bit_compute_dtype=COMPUTE, bnb_4bit_quant_type=QUANT
-        ),
-    )
-    if kind == BARE:
-        request.disable_adapter = True
-    else:
-        request.adapter_path = kinds[kind]
-    return request
-
-
 @pytest.mark.parametrize("order", ["forward", "reversed"])
 async def test_48_interleaved_4bit_requests_of_mixed_types_answer_as_plain_alone(
     four_bit_stub: Stub, tiny: dict[str, str], kinds: dict[str, str], order: str
@@ -121,7 +101,12 @@ async def test_48_interleaved_4bit_requests_of_mixed_types_answer_as_plain_alone
         cases.reverse()
     assert len(cases) == 48
     responses = await asyncio.gather(
-        *(four_bit_stub.TakeExam(_request(k, p, kinds), timeout=300) for k, p in cases)
+        *(
+            four_bit_stub.TakeExam(
+                kind_request(k, p, kinds, TOKENS, quantization=QUANTIZATION), timeout=300
+            )
+            for k, p in cases
+        )
     )
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
     for (kind, prompt), response in zip(cases, responses, strict=True):
