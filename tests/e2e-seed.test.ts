@@ -5,14 +5,12 @@
  * Slow (the GGUF is dequantized, then quantized to 4 bit: about 20 s), and skipped where
  * `make models` has not built the default, unless GOLEM_REQUIRE_DEFAULT_MODEL=1 (make test).
  */
-import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { PACKAGE_ROOT } from '../src/config';
+import { buildCli, golem, serve, stopDaemon, type Daemon } from './support/daemon';
 
-const GOLEM = path.join(PACKAGE_ROOT, 'bin', 'golem.js');
-const ENV = { ...process.env, HF_HUB_OFFLINE: '1', GOLEM_ADDRESS: '' };
 const SEED = path.join(PACKAGE_ROOT, 'config', 'seed.json');
 const seed = JSON.parse(readFileSync(SEED, 'utf8')) as { defaults: { modelName: string; adapterPath: string } };
 const built =
@@ -23,54 +21,23 @@ if (!built && process.env.GOLEM_REQUIRE_DEFAULT_MODEL === '1') {
 }
 const describeBuilt = built ? describe : describe.skip;
 
-function golem(args: string[]): Promise<{ code: number; json: Record<string, unknown> }> {
-  return new Promise((resolve) => {
-    execFile('node', [GOLEM, ...args], { env: ENV, cwd: PACKAGE_ROOT }, (error, stdout) => {
-      const lines = stdout.split('\n').filter(Boolean);
-      expect(lines).toHaveLength(1);
-      resolve({ code: error ? Number(error.code) : 0, json: JSON.parse(lines[0]) as Record<string, unknown> });
-    });
-  });
-}
-
 describeBuilt('the seed profile (config/seed.json) on a CPU-only machine', () => {
   let dir: string;
-  let daemon: ChildProcess;
+  let daemon: Daemon | undefined;
   let address: string;
 
   beforeAll(async () => {
-    execFileSync(path.join(PACKAGE_ROOT, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json'], {
-      cwd: PACKAGE_ROOT,
-    });
+    buildCli();
     dir = mkdtempSync(path.join(os.tmpdir(), 'golem-seed-'));
     // The seed profile as shipped, on a free port (127.0.0.1:50051 may be taken by `make run`).
     const config = path.join(dir, 'seed.json');
     writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(SEED, 'utf8')), listen: '127.0.0.1:0' }));
-    daemon = spawn('node', [GOLEM, 'serve', '--config', config], {
-      env: ENV,
-      cwd: PACKAGE_ROOT,
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
-    address = await new Promise<string>((resolve, reject) => {
-      let buffered = '';
-      daemon.stderr?.on('data', (chunk: Buffer) => {
-        buffered += chunk.toString();
-        const lines = buffered.split('\n');
-        buffered = lines.pop() ?? '';
-        for (const line of lines) {
-          if (line.includes('"gateway ready"')) resolve((JSON.parse(line) as { address: string }).address);
-        }
-      });
-      daemon.once('exit', (code) => reject(new Error(`golem serve exited early with ${code}`)));
-    });
+    daemon = serve(config);
+    address = await daemon.ready;
   }, 600000);
 
   afterAll(async () => {
-    if (daemon && daemon.exitCode === null) {
-      const exited = new Promise<number | null>((resolve) => daemon.once('exit', resolve));
-      daemon.kill('SIGTERM');
-      expect(await exited).toBe(0);
-    }
+    expect(await stopDaemon(daemon)).toBe(0);
     rmSync(dir, { recursive: true, force: true });
   });
 
