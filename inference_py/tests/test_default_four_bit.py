@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import grpc
 import pytest
 import pytest_asyncio
 import torch
@@ -24,8 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from golem_sidecar.config import load_config
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.placement import bitsandbytes_installed, fused_cpu_kernel
-from golem_sidecar.server import Sidecar
-from tests.conftest import REPO
+from tests.conftest import REPO, serving
 from tests.tiny_models import SEED_PROMPT
 
 pytestmark = pytest.mark.slow
@@ -44,11 +42,8 @@ if not (MODEL.is_file() and ADAPTER.is_dir() and bitsandbytes_installed()):
 async def seed_stub() -> AsyncIterator[exam_pb2_grpc.ExamServiceStub]:
     """A sidecar with the seed profile as shipped (paths made absolute: tests run elsewhere)."""
     defaults = replace(SEED.defaults, model_name=str(MODEL), adapter_path=str(ADAPTER))
-    sidecar = Sidecar(replace(SEED, defaults=defaults))
-    await sidecar.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield exam_pb2_grpc.ExamServiceStub(channel)
-    await sidecar.stop(0)
+    async with serving(replace(SEED, defaults=defaults)) as stub:
+        yield stub
 
 
 def _plain_4bit_answers() -> list[str]:

@@ -17,8 +17,7 @@ import pytest_asyncio
 from golem_sidecar.config import load_config
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.grading import normalize
-from golem_sidecar.server import Sidecar
-from tests.conftest import REPO
+from tests.conftest import REPO, serving
 from tests.tiny_models import SEED_PROMPT
 
 pytestmark = pytest.mark.slow
@@ -43,14 +42,9 @@ def _taught_genre(book: str) -> str:
 
 @pytest_asyncio.fixture(scope="module")
 async def default_stub() -> AsyncIterator[exam_pb2_grpc.ExamServiceStub]:
-    import grpc
-
     defaults = replace(CONFIG.defaults, model_name=str(MODEL), adapter_path=str(ADAPTER))
-    sidecar = Sidecar(replace(CONFIG, defaults=defaults))
-    await sidecar.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield exam_pb2_grpc.ExamServiceStub(channel)
-    await sidecar.stop(0)
+    async with serving(replace(CONFIG, defaults=defaults)) as stub:
+        yield stub
 
 
 async def test_adapter_answers_the_taught_genre_and_the_base_does_not(
