@@ -23,11 +23,12 @@ from bench import ROOT, distinct_prompts
 from peft import PeftModel
 
 from golem_sidecar.config import Security, load_config
-from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.decoding import Row
 from golem_sidecar.gate import ModelRef
 from golem_sidecar.lanes import Lane
 from golem_sidecar.loading import load_model, load_tokenizer
 from golem_sidecar.placement import Placement
+from golem_sidecar.scheduler import decode_batch
 
 TOKENS = 24
 

@@ -1,5 +1,7 @@
-"""Dynamic batching: requests for the same base wait a moment in a bounded queue, then are
-answered together by one decode pass on the model thread.
+"""Batching: requests for the same base wait in a bounded queue. The first one, and whatever
+joins it within a short window, start a decode session on the model thread; that session keeps
+taking requests from the queue between decode steps (continuous batching, scheduler.py) until
+none are left.
 
 The queue is the backpressure: when it is full a request is refused at once with
 RESOURCE_EXHAUSTED and a retry hint, rather than waiting longer and longer.
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,17 +56,28 @@ def overloaded(queued: int) -> GolemError:
     )
 
 
+# Takes up to n queued requests; callable from any thread.
+Take = Callable[[int], list[Pending]]
+
+
 class BatchQueue:
-    """The queue of one base model and the task that turns it into batches."""
+    """The queue of one base model and the task that starts its decode sessions.
+
+    Requests are put in on the event loop and taken out by the running session on the model
+    thread, so the queue is a deque under a lock; an asyncio event wakes the loop's task when a
+    request arrives while no session runs.
+    """
 
     def __init__(
         self,
         limits: BatchLimits,
-        run_batch: Callable[[list[Pending]], Awaitable[None]],
+        run_session: Callable[[list[Pending], Take], Awaitable[None]],
     ) -> None:
         self._limits = limits
-        self._run_batch = run_batch
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=limits.max_queue)
+        self._run_session = run_session
+        self._waiting: deque[Pending] = deque()
+        self._lock = threading.Lock()
+        self._arrived = asyncio.Event()
         # Rows of other work on this base (CompareAdapters) count against the same bound.
         self._reserved = 0
         self._busy = False
@@ -73,19 +87,32 @@ class BatchQueue:
     def idle(self) -> bool:
         """Nothing queued, reserved, gathering or running: the queue can go without losing
         work."""
-        return self._queue.empty() and not self._reserved and not self._busy
+        return not self._waiting and not self._reserved and not self._busy
 
     def submit(self, pending: Pending) -> None:
         """Queues a request, or refuses it at once when the queue is full."""
-        if self._queue.qsize() + self._reserved >= self._limits.max_queue:
-            raise overloaded(self._queue.qsize() + self._reserved)
-        self._queue.put_nowait(pending)
+        if len(self._waiting) + self._reserved >= self._limits.max_queue:
+            raise overloaded(len(self._waiting) + self._reserved)
+        with self._lock:
+            self._waiting.append(pending)
+        self._arrived.set()
+
+    def take(self, count: int) -> list[Pending]:
+        """Up to ``count`` queued requests, first come first; callers who left while queued
+        are dropped on the way (nobody is there to answer)."""
+        taken: list[Pending] = []
+        with self._lock:
+            while self._waiting and len(taken) < count:
+                pending = self._waiting.popleft()
+                if not pending.cancelled.is_set():
+                    taken.append(pending)
+        return taken
 
     @contextlib.contextmanager
     def reserve(self, rows: int) -> Iterator[None]:
         """Holds ``rows`` places of the bounded queue for work that runs outside it; refused
         at once (QUEUE_FULL) when they are not free."""
-        waiting = self._queue.qsize() + self._reserved
+        waiting = len(self._waiting) + self._reserved
         if waiting + rows > self._limits.max_queue:
             raise overloaded(waiting)
         self._reserved += rows
@@ -94,36 +121,46 @@ class BatchQueue:
         finally:
             self._reserved -= rows
 
-    async def _gather(self, first: Pending) -> list[Pending]:
-        batch = [first]
+    async def _arrival(self, timeout_s: float | None = None) -> bool:
+        """Waits until a request is queued (True), or ``timeout_s`` passes (False)."""
+        if self._waiting:
+            return True
+        # Only the loop's thread puts requests in, so none can slip in between the check above
+        # and this clear.
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _gather(self) -> list[Pending]:
+        """The requests a session starts with: those queued now, and those that arrive within
+        the batch window while there is room (they would otherwise join a step later, after a
+        prefill of their own)."""
+        batch: list[Pending] = []
         deadline = asyncio.get_running_loop().time() + self._limits.batch_wait_s
         while len(batch) < self._limits.max_batch_size:
-            # Whatever is already queued joins at once; then wait out the rest of the window.
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
+            batch += self.take(self._limits.max_batch_size - len(batch))
             remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
+            if len(batch) >= self._limits.max_batch_size or remaining <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
+            if not await self._arrival(remaining):
                 break
-        # A caller who left while queued has nobody to answer.
-        return [p for p in batch if not p.cancelled.is_set()]
+        return batch
 
     async def _serve(self) -> None:
         while True:
-            first = await self._queue.get()
+            await self._arrival()
             # Busy from the first request taken: a batch still gathering holds requests that
             # are no longer in the queue, so the queue must not look idle (and be stopped).
             self._busy = True
             batch: list[Pending] = []
             try:
-                batch = await self._gather(first)
+                batch = await self._gather()
                 if batch:
-                    await self._run_batch(batch)
-            except Exception as exc:  # one broken batch must not stop the queue
+                    await self._run_session(batch, self.take)
+            except Exception as exc:  # one broken session must not stop the queue
                 log.exception("batch failed")
                 for pending in batch:
                     if not pending.future.done():

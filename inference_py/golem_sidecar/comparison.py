@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.config import SidecarConfig
-from golem_sidecar.decoding import Row, decode_batch, eos_ids, pad_id
+from golem_sidecar.decoding import Row, eos_ids, pad_id
 from golem_sidecar.errors import caller_gone, invalid_argument
 from golem_sidecar.exam import ADAPTER_NAME, max_new_tokens
 from golem_sidecar.gate import ModelRef, path_field, resolve_adapter, resolve_model, text_field
@@ -19,6 +19,7 @@ from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import split_passes
 from golem_sidecar.paths import as_path, kind
 from golem_sidecar.placement import Placement, default_placement
+from golem_sidecar.scheduler import decode_batch
 from golem_sidecar.scoring import ScoreItem, mean_logprobs
 
 MAX_PROMPTS = 8

@@ -1,10 +1,12 @@
-"""Decoding a batch of rows together, one token step at a time, on one resident base.
+"""Rows and the tensors of rows decoding together, one token step at a time, on one resident
+base (scheduler.py decides which rows run when).
 
 All rows of a batch are in one lane (lanes.py): one module serves them all, routing each to its
 adapter where peft can. Each row has its own prompt, adapter, sampling settings, stop sequences,
 token budget and cancel flag, so batching never changes an answer: greedy rows give exactly what
-they give alone. Rows that finish leave the batch (their slice of the KV cache is dropped) so the
-others run on without them.
+they give alone. Rows that finish leave the batch (their slice of the KV cache is dropped) and
+rows whose prompts have been read join it (their cache is left-padded to the batch's width), so
+the batch runs on while requests come and go.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import grpc
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from golem_sidecar.detokenize import Detokenizer
 from golem_sidecar.errors import GolemError, invalid_argument
@@ -50,11 +53,13 @@ class Row:
     stop: tuple[str, ...] = ()
     # Streaming: called from the model thread with each new piece of the answer.
     on_text: Callable[[str], None] | None = None
-    # ---- filled in by decode_batch
+    # ---- filled in while decoding (scheduler.py)
     generated: list[int] = field(default_factory=list)
     answer: str = ""
     finish_reason: str = ""
     error: GolemError | None = None
+    # The most rows in a decode step with this one, itself included.
+    peak: int = 0
     _emitted: int = 0
     _text: Detokenizer | None = None
 
@@ -154,29 +159,103 @@ def _left_pad(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-class _Batch:
-    """The tensors of the rows still decoding: shrinks as rows finish."""
+def _forward(
+    lane: Lane,
+    rows: list[Row],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """The next-token logits of each row after reading ``ids`` on top of ``cache``."""
+    out = lane(
+        [r.adapter for r in rows],
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits: torch.Tensor = out.logits[:, -1, :]
+    return logits
 
-    def __init__(self, lane: Lane, rows: list[Row], pad_id: int, device: Any):
+
+class Prefill:
+    """Rows reading their prompts, left-padded together: at once, or a chunk of columns per
+    step so that rows already decoding are never held up by a long prompt for long."""
+
+    def __init__(self, lane: Lane, rows: list[Row], pad_id: int, device: Any) -> None:
         self.lane, self.rows = lane, rows
         ids, mask = _left_pad(rows, pad_id)
-        self.mask = mask.to(device)
+        self.ids, self.mask = ids.to(device), mask.to(device)
         # Positions count real tokens only, so a padded row sees the positions it would alone.
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache()
-        self.logits = self._forward(ids.to(device), self.positions)
+        self.read = 0
+        self.logits: torch.Tensor | None = None
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.lane(
-            [r.adapter for r in self.rows],
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def done(self) -> bool:
+        return self.read == self.width
+
+    def advance(self, columns: int) -> None:
+        """Reads up to ``columns`` more prompt columns of every row."""
+        end = min(self.width, self.read + max(1, columns))
+        self.logits = _forward(
+            self.lane,
+            self.rows,
+            self.ids[:, self.read : end],
+            self.mask[:, :end],
+            self.positions[:, self.read : end],
+            self.cache,
         )
-        return out.logits[:, -1, :]
+        self.read = end
+
+    def decoding(self) -> Batch:
+        """The rows, prompts read, ready for their first token."""
+        assert self.done and self.logits is not None
+        return Batch(
+            self.lane, self.rows, self.mask, self.positions[:, -1:], self.cache, self.logits
+        )
+
+
+class Batch:
+    """The rows of one lane decoding together: shrinks as rows finish, grows as rows whose
+    prompts have been read join (merge)."""
+
+    def __init__(
+        self,
+        lane: Lane,
+        rows: list[Row],
+        mask: torch.Tensor,
+        last: torch.Tensor,
+        cache: DynamicCache,
+        logits: torch.Tensor,
+    ) -> None:
+        self.lane, self.rows, self.cache = lane, rows, cache
+        # The attention mask over the cache's columns, and each row's last position.
+        self.mask, self.last = mask, last
+        # The scores of each row's next token.
+        self.logits = logits
+
+    def merge(self, other: Batch) -> None:
+        """Takes in another batch of the same lane: both caches are left-padded (masked
+        columns) to the wider one, as if the rows had been padded together from the start."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
+            )
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        self.last = torch.cat([self.last, other.last])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows = self.rows + other.rows
 
     def drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if not row.done]
@@ -188,52 +267,80 @@ class _Batch:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.rows = [self.rows[i] for i in keep]
-        self.mask, self.positions = self.mask[index], self.positions[index]
-        self.logits = self.logits[index]
+        self.mask, self.last, self.logits = self.mask[index], self.last[index], self.logits[index]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drops leading columns that no remaining row reads (padding for rows that left), so
+        a batch that runs on as rows come and go does not grow without end."""
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first == 0:
+            return
+        for layer in _layers(self.cache):
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        self.mask = self.mask[:, first:]
 
     def step(self, tokens: list[int]) -> None:
+        """Feeds each row its chosen token and computes the scores of the next one."""
         device = self.mask.device
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)
         self.mask = torch.cat([self.mask, ones], dim=1)
-        self.positions = self.positions[:, -1:] + 1
+        self.last = self.last + 1
         ids = torch.tensor(tokens, device=device).unsqueeze(1)
-        self.logits = self._forward(ids, self.positions)
+        self.logits = _forward(self.lane, self.rows, ids, self.mask, self.last, self.cache)
+
+    def choose(
+        self, tokenizer: PreTrainedTokenizerBase, eos: set[int], generators: dict[int, Any]
+    ) -> list[int]:
+        """Picks each row's next token and adds it to the row (which may finish it); returns
+        the tokens of the rows still going, in order."""
+        # Plain greedy rows take their argmax in one operation over the whole batch.
+        picks, finite = greedy_picks(self.logits)
+        going = []
+        for i, row in enumerate(self.rows):
+            if row.cancelled.is_set():
+                row.finish_reason = FINISH_CANCELLED
+                continue
+            try:
+                if row.params.plain_greedy:
+                    if not finite[i]:
+                        raise NonFiniteScores("model")
+                    token = picks[i]
+                else:
+                    seen = row.prompt_ids + row.generated
+                    generator = generators.setdefault(id(row), make_generator(row.params))
+                    token = choose_next(self.logits[i], row.params, generator, seen)
+            except NonFiniteScores as exc:
+                # This row alone leaves the batch with its own error; the others go on.
+                row.finish_reason, row.error = FINISH_ERROR, row_failed(row.params, exc)
+                continue
+            _advance(row, token, tokenizer, eos)
+            if not row.done:
+                going.append(token)
+        return going
 
 
-def decode_batch(
-    lane: Lane, tokenizer: PreTrainedTokenizerBase, rows: list[Row], device: Any
-) -> None:
-    """Runs every row of one lane to its end (eos, stop sequence, token budget or
-    cancellation)."""
-    eos = eos_ids(lane.model, tokenizer)
-    generators = {id(r): make_generator(r.params) for r in rows}
-    with torch.inference_mode():
-        batch = _Batch(lane, rows, pad_id(tokenizer), device)
-        while batch.rows:
-            # Plain greedy rows take their argmax in one operation over the whole batch.
-            picks, finite = greedy_picks(batch.logits)
-            tokens = []
-            for i, row in enumerate(batch.rows):
-                if row.cancelled.is_set():
-                    row.finish_reason = FINISH_CANCELLED
-                    tokens.append(0)
-                    continue
-                try:
-                    if row.params.plain_greedy:
-                        if not finite[i]:
-                            raise NonFiniteScores("model")
-                        token = picks[i]
-                    else:
-                        seen = row.prompt_ids + row.generated
-                        token = choose_next(batch.logits[i], row.params, generators[id(row)], seen)
-                except NonFiniteScores as exc:
-                    # This row alone leaves the batch with its own error; the others go on.
-                    row.finish_reason, row.error = FINISH_ERROR, row_failed(row.params, exc)
-                    tokens.append(0)
-                    continue
-                _advance(row, token, tokenizer, eos)
-                tokens.append(token)
-            active = [t for t, r in zip(tokens, batch.rows, strict=True) if not r.done]
-            batch.drop_finished()
-            if batch.rows:
-                batch.step(active)
+class _Layer(Protocol):
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _layers(cache: DynamicCache) -> list[_Layer]:
+    """The cache's layers. A DynamicCache made without a model config, as here, holds plain
+    DynamicLayers: one key and one value tensor each, [rows, heads, columns, dim]."""
+    layers = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None, "a plain KV cache"
+        layers.append(cast(_Layer, layer))
+    return layers
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before a mask's columns ([rows, columns]) or a cache's ([rows, heads, columns,
+    dim]) up to ``width``; padded columns are masked out, so their values never count."""
+    missing = width - (tensor.shape[1] if tensor.dim() == 2 else tensor.shape[-2])
+    if missing == 0:
+        return tensor
+    pad = (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0)
+    return torch.nn.functional.pad(tensor, pad)

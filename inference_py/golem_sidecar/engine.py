@@ -9,65 +9,25 @@ import contextvars
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from golem_sidecar.adapters import AdapterFolder
-from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
+from golem_sidecar.batching import BatchLimits, BatchQueue, Pending, Take
 from golem_sidecar.comparison import ComparedAnswer, CompareSpec, run_comparison
 from golem_sidecar.config import Security, SidecarConfig
-from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_ERROR, FINISH_STOP, Row, decode_batch
-from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
+from golem_sidecar.errors import GolemError
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
-from golem_sidecar.grading import Grade, grade
-from golem_sidecar.lanes import group_by_lane
-from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
-from golem_sidecar.passes import split_passes
+from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels
 from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
+from golem_sidecar.session import ExamResult, Session, check_context
+
+__all__ = ["ExamEngine", "ExamResult", "check_context"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Generation:
-    """What decoding produced for one request."""
-
-    answer: str
-    full_text: str
-    prompt_tokens: int
-    answer_tokens: int
-    finish_reason: str
-    generate_ns: int
-
-
-@dataclass(frozen=True)
-class ExamResult:
-    spec: ExamSpec
-    device: str
-    dtype: str
-    generation: Generation
-    grade: Grade | None
-    load_ns: int
-    queue_ns: int
-    batch_size: int
-    # The adapter really worn; None for the bare base.
-    adapter: AdapterFolder | None = None
-
-
-@dataclass(eq=False)
-class _Prepared:
-    """A pending request with its base and adapter ready and its prompt encoded."""
-
-    pending: Pending
-    row: Row
-    load_ns: int
-    queue_ns: int
-    adapter: AdapterFolder | None
 
 
 class ExamEngine:
@@ -87,13 +47,21 @@ class ExamEngine:
         self._queues: dict[BaseKey, BatchQueue] = {}
         # Held by the worker while it runs a job; shutdown asks whether the worker is free.
         self._running = threading.Lock()
+        # Jobs submitted to the worker and not started: a decode session admits no newcomers
+        # while there are any, so it ends and lets them run.
+        self._jobs_waiting = 0
+        self._counting = threading.Lock()
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:
         # Carry the caller's context (its request id) into the worker thread's log lines.
         call = functools.partial(contextvars.copy_context().run, fn, *args)
+        with self._counting:
+            self._jobs_waiting += 1
         return await asyncio.get_running_loop().run_in_executor(self._worker, self._run, call)
 
     def _run(self, call: Any) -> Any:
+        with self._counting:
+            self._jobs_waiting -= 1
         with self._running:
             return call()
 
@@ -111,7 +79,7 @@ class ExamEngine:
             _, load_ns = await self._on_worker(self._models.base, model, placement)
             queue = self._queues.get(key)
             if queue is None:
-                queue = self._queues[key] = BatchQueue(self._limits, self._run_batch)
+                queue = self._queues[key] = BatchQueue(self._limits, self._run_session)
         self._prune_queues(keep=key)
         return queue, load_ns
 
@@ -144,127 +112,31 @@ class ExamEngine:
             raise
         return result
 
-    async def _run_batch(self, batch: list[Pending]) -> None:
-        outcomes = await self._on_worker(self._run_batch_sync, batch)
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+    async def _run_session(self, batch: list[Pending], take: Take) -> None:
+        """Decodes ``batch``, and every request taken from the queue while it runs, on the model
+        thread; each request is answered the step its row finishes."""
+        loop = asyncio.get_running_loop()
+        handled: list[Pending] = []
 
-    def _run_batch_sync(self, batch: list[Pending]) -> list[ExamResult | BaseException]:
-        started = time.perf_counter_ns()
-        outcomes: dict[int, ExamResult | BaseException] = {}
-        spec = batch[0].spec
+        def settle(pending: Pending, outcome: ExamResult | BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, pending, outcome)
+
+        def take_when_free(count: int) -> list[Pending]:
+            # Other work waiting for the model thread (another base's session, an adapter load)
+            # goes first: the session stops taking newcomers, finishes its rows and ends.
+            taken = [] if self._jobs_waiting else take(count)
+            handled.extend(taken)
+            return taken
+
+        handled.extend(batch)
+        session = Session(self._models, self._limits, self._max_tokens, take_when_free, settle)
         try:
-            base, base_ns = self._models.base(spec.model, spec.placement)
-            prepared = self._prepare(base, batch, started, base_ns, outcomes)
-        except GolemError as err:
-            return [err for _ in batch]
-        limits = (self._limits.max_batch_size, self._max_tokens)
-        for lane, items in group_by_lane(prepared, _adapter, base.lane):
-            for group in split_passes(items, _width, *limits):
-                rows = [p.row for p in group]
-                decode_started = time.perf_counter_ns()
-                decode_batch(lane, base.tokenizer, rows, base.input_device)
-                decode_ns = time.perf_counter_ns() - decode_started
-                for item in group:
-                    outcomes[id(item.pending)] = self._result(base, item, decode_ns, len(rows))
-        return [outcomes[id(p)] for p in batch]
-
-    def _prepare(
-        self,
-        base: ResidentBase,
-        batch: list[Pending],
-        started: int,
-        base_ns: int,
-        outcomes: dict[int, ExamResult | BaseException],
-    ) -> list[_Prepared]:
-        """Attaches each request's adapter and encodes its prompt; a request that fails here
-        fails alone, the rest of the batch goes on."""
-        prepared = []
-        pinned: set[str] = set()
-        for pending in batch:
-            try:
-                adapter_name, adapter_ns = self._adapter_for(base, pending.spec, pinned)
-                row = self._row(base, pending, adapter_name)
-                folder = base.adapters[adapter_name] if adapter_name else None
-            except GolemError as err:
-                outcomes[id(pending)] = err
-                continue
-            queue_ns = started - pending.queued_at
-            load_ns = pending.load_ns + base_ns + adapter_ns
-            prepared.append(_Prepared(pending, row, load_ns, queue_ns, folder))
-        return prepared
-
-    def _adapter_for(
-        self, base: ResidentBase, spec: ExamSpec, pinned: set[str]
-    ) -> tuple[str | None, int]:
-        """The adapter a request wears (None: the bare base), attached if need be. Adapters of
-        the batch being prepared are pinned: attaching one never evicts another."""
-        if spec.adapter_name is not None:
-            name, load_ns = self._models.named(base, spec.adapter_name), 0
-        elif spec.adapter is not None:
-            name, load_ns = self._models.adapter(base, spec.adapter, pinned=pinned)
-        else:
-            return None, 0
-        pinned.add(name)
-        return name, load_ns
-
-    def _row(self, base: ResidentBase, pending: Pending, adapter: str | None) -> Row:
-        spec = pending.spec
-        prompt_ids = list(base.tokenizer(spec.prompt)["input_ids"])
-        check_context(base, len(prompt_ids), spec.max_new_tokens)
-        return Row(
-            prompt_ids=prompt_ids,
-            adapter=peft_name(adapter) if adapter else None,
-            max_new_tokens=spec.max_new_tokens,
-            cancelled=pending.cancelled,
-            params=spec.sampling,
-            stop=spec.stop,
-            on_text=pending.on_text,
-        )
-
-    def _result(
-        self, base: ResidentBase, item: _Prepared, decode_ns: int, batch_size: int
-    ) -> ExamResult | BaseException:
-        row, spec = item.row, item.pending.spec
-        if row.finish_reason == FINISH_CANCELLED:
-            # Nobody reads the answer; the log shows how early the generation stopped.
-            log.info(
-                "exam cancelled while decoding",
-                extra={"answer_tokens": len(row.generated), "max_new_tokens": spec.max_new_tokens},
-            )
-            return caller_gone()
-        if row.finish_reason == FINISH_ERROR and row.error is not None:
-            return row.error
-        decode = base.tokenizer.decode
-        if row.finish_reason == FINISH_STOP:
-            full_text = str(decode(row.prompt_ids, skip_special_tokens=True)) + row.answer
-        else:
-            full_text = str(decode(row.prompt_ids + row.generated, skip_special_tokens=True))
-        generation = Generation(
-            answer=row.answer,
-            full_text=full_text,
-            prompt_tokens=len(row.prompt_ids),
-            answer_tokens=len(row.generated),
-            finish_reason=row.finish_reason,
-            generate_ns=decode_ns,
-        )
-        graded = grade(row.answer, spec.expected_answer) if spec.expected_answer else None
-        return ExamResult(
-            spec=spec,
-            device=str(base.input_device),
-            dtype=base.weight_dtype,
-            generation=generation,
-            grade=graded,
-            load_ns=item.load_ns,
-            queue_ns=item.queue_ns,
-            batch_size=batch_size,
-            adapter=item.adapter,
-        )
+            await self._on_worker(session.run, batch)
+        except Exception as exc:
+            # Answers settled before the failure were queued on the loop before this resumed.
+            for pending in handled:
+                _settle(pending, exc)
+            raise
 
     async def load_adapter(self, spec: LoadSpec) -> tuple[ResidentBase, str, int]:
         """Attaches an adapter under a name (on the model thread, between batches)."""
@@ -370,6 +242,16 @@ class ExamEngine:
         return bool(acquired)
 
 
+def _settle(pending: Pending, outcome: ExamResult | BaseException) -> None:
+    """Answers a request on the loop, unless it is answered or its caller gone already."""
+    if pending.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        pending.future.set_exception(outcome)
+    else:
+        pending.future.set_result(outcome)
+
+
 def _threadsafe(
     loop: asyncio.AbstractEventLoop, fn: Callable[[str], None]
 ) -> Callable[[str], None]:
@@ -392,31 +274,3 @@ def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
             extra={"adapter": path, "reason": err.reason},
         )
         return None
-
-
-def _adapter(item: _Prepared) -> str | None:
-    return item.row.adapter
-
-
-def _width(item: _Prepared) -> int:
-    return len(item.row.prompt_ids) + item.row.max_new_tokens
-
-
-def check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:
-    """A prompt that cannot fit the model's context is refused before generating."""
-    limit = getattr(base.model.config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return
-    if prompt_tokens >= limit:
-        raise invalid_argument(
-            "prompt",
-            f"is {prompt_tokens} tokens, the model's context is {limit}",
-            reason="PROMPT_TOO_LONG",
-        )
-    if prompt_tokens + max_new_tokens > limit:
-        raise invalid_argument(
-            "max_new_tokens",
-            f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-            f"context of {limit}",
-            reason="PROMPT_TOO_LONG",
-        )

@@ -6,8 +6,8 @@ So a base keeps one peft wrapper per adapter type (models.py), and a batch is cu
 
 - the bare base's rows, on the base itself;
 - plain LoRA rows (rsLoRA included) and bare rows, together on the LoRA wrapper, each row
-  routed to its adapter by ``adapter_names`` (the bare ones to peft's ``__base__``), or, when
-  they all wear one adapter, with that adapter active (no per-row dispatch);
+  routed to its adapter by ``adapter_names`` (the bare ones to peft's ``__base__``), or, in a
+  forward pass whose rows all wear one adapter, with that adapter active (no per-row dispatch);
 - one lane per adapter of every other kind (DoRA, IA3, LoHa, LoKr, AdaLoRA), on its type's
   wrapper with that adapter active, since peft cannot route rows among them.
 
@@ -42,13 +42,26 @@ class Lane:
 
     def __call__(self, adapters: list[str | None], **inputs: Any) -> Any:
         """One forward pass over rows wearing ``adapters`` (peft names, None for the bare base)."""
-        if self.active is not None and self.model.active_adapter != self.active:
+        lane = self.narrowed(adapters)
+        if lane.active is not None and lane.model.active_adapter != lane.active:
             # Lanes of one wrapper take turns on the model thread, so the active adapter is
             # whichever lane ran last.
-            self.model.set_adapter(self.active, inference_mode=True)
-        if self.routed:
+            lane.model.set_adapter(lane.active, inference_mode=True)
+        if lane.routed:
             inputs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
-        return self.model(**inputs)
+        return lane.model(**inputs)
+
+    def narrowed(self, adapters: list[str | None]) -> Lane:
+        """The lane one forward pass over ``adapters`` runs on: a routed lane whose rows all
+        wear one adapter runs with that adapter active, peft's plain forward without the
+        per-row dispatch of ``adapter_names``. Decided per pass, since rows join and leave a
+        running batch (scheduler.py)."""
+        if not self.routed:
+            return self
+        worn = set(adapters)
+        if len(worn) != 1 or None in worn:
+            return self
+        return Lane(self.model, active=worn.pop())
 
 
 def group_by_lane(
@@ -72,17 +85,4 @@ def group_by_lane(
         else:
             lane = lane_of(None)
             lanes[lane.key] = (lane, bare)
-    return [_fast(lane, members, adapter_of) for lane, members in lanes.values()]
-
-
-def _fast(
-    lane: Lane, members: list[T], adapter_of: Callable[[T], str | None]
-) -> tuple[Lane, list[T]]:
-    """A routed lane whose rows all wear one adapter runs with that adapter active instead:
-    peft's plain forward, without the per-row dispatch of ``adapter_names``."""
-    if not lane.routed:
-        return lane, members
-    worn = {adapter_of(item) for item in members}
-    if len(worn) != 1 or None in worn:
-        return lane, members
-    return Lane(lane.model, active=worn.pop()), members
+    return list(lanes.values())

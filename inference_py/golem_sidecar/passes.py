@@ -17,6 +17,16 @@ T = TypeVar("T")
 MAX_ATTENTION_CELLS = 1 << 22
 
 
+def fits(
+    widths: list[int], max_rows: int, max_tokens: int, max_cells: int = MAX_ATTENTION_CELLS
+) -> bool:
+    """Whether rows of these widths (prompt + new tokens) may run in one pass: as many as
+    ``max_rows``, ``max_tokens`` (rows x the widest) and ``max_cells`` (rows x the widest
+    squared) allow."""
+    rows, widest = len(widths), max(widths, default=0)
+    return rows <= max_rows and rows * widest <= max_tokens and rows * widest * widest <= max_cells
+
+
 def split_passes(
     items: list[T],
     width: Callable[[T], int],
@@ -24,18 +34,15 @@ def split_passes(
     max_tokens: int,
     max_cells: int = MAX_ATTENTION_CELLS,
 ) -> Iterator[list[T]]:
-    """Consecutive items, as many per pass as ``max_rows``, ``max_tokens`` (rows x the widest)
-    and ``max_cells`` (rows x the widest squared) allow."""
+    """Consecutive items, as many per pass as ``fits`` allows; an item too large alone still
+    gets a pass of its own."""
     group: list[T] = []
-    widest = 0
+    widths: list[int] = []
     for item in items:
-        wide = max(widest, width(item))
-        rows = len(group) + 1
-        fits = rows <= max_rows and rows * wide <= max_tokens and rows * wide * wide <= max_cells
-        if group and not fits:
+        if group and not fits([*widths, width(item)], max_rows, max_tokens, max_cells):
             yield group
-            group, wide = [], width(item)
+            group, widths = [], []
         group.append(item)
-        widest = wide
+        widths.append(width(item))
     if group:
         yield group

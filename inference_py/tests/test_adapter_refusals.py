@@ -11,11 +11,12 @@ from peft import PeftModel
 
 from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.config import Security
-from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.decoding import Row
 from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.models import ResidentModels
 from golem_sidecar.placement import Placement
+from golem_sidecar.scheduler import decode_batch
 from tests.rpc import failure
 from tests.test_generation import _decode, _plain_answer
 from tests.tiny_models import SEED_PROMPT, local_model

@@ -125,7 +125,7 @@ async def test_a_cancelled_stream_stops_its_generation_and_spares_the_others(
 ) -> None:
     others = _mixed_requests([tiny["adapter"]], 6)
     alone = [await stub.TakeExam(r) for r in others]
-    caplog.set_level(logging.INFO, logger="golem_sidecar.engine")
+    caplog.set_level(logging.INFO, logger="golem_sidecar.session")
     long_request = exam_pb2.TakeExamRequest(max_new_tokens=CAP, prompt="genre " * 50)
     stream = stub.StreamExam(long_request)
     running = [asyncio.ensure_future(stub.TakeExam(r)) for r in others]
@@ -211,11 +211,11 @@ async def test_a_queue_gathering_a_batch_is_not_idle() -> None:
     called idle then, its base's eviction would stop it and leave them unanswered."""
     import threading
 
-    from golem_sidecar.batching import BatchLimits, BatchQueue, Pending
+    from golem_sidecar.batching import BatchLimits, BatchQueue, Pending, Take
 
     ran: list[int] = []
 
-    async def run_batch(batch: list[Pending]) -> None:
+    async def run_batch(batch: list[Pending], take: Take) -> None:
         ran.append(len(batch))
         for pending in batch:
             pending.future.set_result(None)

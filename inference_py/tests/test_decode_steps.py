@@ -14,12 +14,13 @@ from transformers import AutoTokenizer
 
 from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.config import Security
-from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.decoding import Row
 from golem_sidecar.detokenize import INCOMPLETE, Detokenizer
-from golem_sidecar.lanes import Lane, group_by_lane
+from golem_sidecar.lanes import Lane
 from golem_sidecar.models import ResidentModels, peft_name
 from golem_sidecar.placement import Placement
 from golem_sidecar.sampling import SamplingParams, choose_next, greedy_picks
+from golem_sidecar.scheduler import decode_batch
 from tests.test_generation import PROMPTS
 from tests.tiny_models import local_model
 
@@ -102,12 +103,16 @@ def test_the_batch_argmax_is_choose_next_row_by_row(
 def test_one_adapter_runs_as_the_active_adapter_and_answers_as_routed(
     tiny: dict[str, str],
 ) -> None:
-    """The fast path (no adapter_names) and peft's routed forward give the same greedy tokens,
-    alone and in a padded batch."""
+    """A routed pass whose rows all wear one adapter runs as that adapter active (no
+    adapter_names), and gives the greedy tokens that peft's routed forward gives."""
     models = ResidentModels(Security())
     base, _ = models.base(local_model(tiny["model"]), CPU)
     name, _ = models.adapter(base, check_adapter_folder(tiny["adapter"], allow_pickle=False))
     adapter = peft_name(name)
+    lane = base.lane(adapter)
+    assert lane.routed
+    assert lane.narrowed([adapter, adapter]) == Lane(lane.model, active=adapter)
+    assert lane.narrowed([adapter, None]) is lane, "an adapter and the bare base stay routed"
 
     def rows() -> list[Row]:
         return [
@@ -115,16 +120,11 @@ def test_one_adapter_runs_as_the_active_adapter_and_answers_as_routed(
             for p in PROMPTS
         ]
 
-    [(lane, members)] = group_by_lane(rows(), lambda row: row.adapter, base.lane)
-    assert lane.active == adapter and not lane.routed, "one adapter takes the fast path"
-    fast = members
+    fast = rows()
     decode_batch(lane, base.tokenizer, fast, "cpu")
-    routed = rows()
-    decode_batch(Lane(base.wrapper_of(adapter), routed=True), base.tokenizer, routed, "cpu")
-    assert [r.generated for r in fast] == [r.generated for r in routed]
-    with_bare = [
-        *rows(),
-        Row(list(base.tokenizer(PROMPTS[0])["input_ids"]), None, 4, threading.Event()),
-    ]
-    [(mixed, _)] = group_by_lane(with_bare, lambda row: row.adapter, base.lane)
-    assert mixed.routed, "an adapter and the bare base share the routed lane"
+    # Beside a bare row that runs as long as they do, the same rows are routed every step.
+    bare = Row(list(base.tokenizer(PROMPTS[0])["input_ids"]), None, 10, threading.Event())
+    routed = [*rows(), bare]
+    decode_batch(lane, base.tokenizer, routed, "cpu")
+    assert bare.finish_reason == "length", "the bare row kept the pass routed to the end"
+    assert [r.generated for r in fast] == [r.generated for r in routed[:-1]]

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarConfig
 from golem_sidecar.config import Security as SecurityConfig
-from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.decoding import Row
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.lanes import Lane
 from golem_sidecar.loading import load_model, load_tokenizer, memory_footprint_bytes
@@ -30,6 +30,7 @@ from golem_sidecar.placement import (
     effective_compute_dtype,
     fused_cpu_kernel,
 )
+from golem_sidecar.scheduler import decode_batch
 from tests.conftest import CAP, serving
 from tests.plain_recipe import four_bit_model, greedy
 from tests.rpc import failure

@@ -10,9 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_EOS, Row, decode_batch
+from golem_sidecar.decoding import FINISH_CANCELLED, FINISH_EOS, Row
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.lanes import Lane
+from golem_sidecar.scheduler import decode_batch
 from tests.tiny_models import SEED_PROMPT
 
 PROMPTS = [SEED_PROMPT, "Instruction: Which genre is Dune?\nResponse:", "The quick brown"]

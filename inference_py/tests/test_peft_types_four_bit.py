@@ -18,11 +18,12 @@ from transformers import AutoTokenizer
 from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.bnb_state import packed_weights
 from golem_sidecar.config import QuantizationDefault, Security
-from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.decoding import Row
 from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.placement import Placement, fused_cpu_kernel
+from golem_sidecar.scheduler import decode_batch
 from tests.conftest import serving, tiny_config
 from tests.plain_recipe import four_bit_model, greedy
 from tests.test_peft_types import BARE, MIXED_PROMPTS, kind_request

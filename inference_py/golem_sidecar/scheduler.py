@@ -1,0 +1,124 @@
+"""Continuous batching on the model thread: rows join the running batches between decode steps
+and leave them the step they finish, so a newcomer never waits for a whole batch to end.
+
+Each step:
+
+1. rows whose prompts are being read (decoding.Prefill) read the next chunk; a prefill that is
+   done joins its lane's running batch (decoding.Batch.merge), or starts it;
+2. every running batch picks each row's next token and, for the rows still going, runs one
+   forward pass.
+
+A prefill is read whole when nothing is decoding. While rows are decoding, prefills read at
+most PREFILL_TOKENS_PER_STEP prompt tokens per step between them (chunked prefill), so however
+long a newcomer's prompt, the running rows' next token is delayed by a bounded amount.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from golem_sidecar.decoding import Batch, Prefill, Row, eos_ids, pad_id
+from golem_sidecar.lanes import Lane
+
+# Prompt tokens read per step while other rows decode. A step of SmolLM2-135M over 512 tokens
+# costs about what four decode steps of a full batch do on 2 CPU cores: newcomers get in within
+# a few steps, and rows already decoding slow down by a bounded factor meanwhile.
+PREFILL_TOKENS_PER_STEP = 512
+
+
+def _bare(lane: Lane) -> bool:
+    return not lane.routed and lane.active is None
+
+
+class Decoder:
+    """The rows decoding on one base, in batches by lane, and the prompts being read."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, device: Any, eos: set[int]) -> None:
+        self._tokenizer, self._device, self._eos = tokenizer, device, eos
+        self._pad = pad_id(tokenizer)
+        self._batches: dict[Hashable, Batch] = {}
+        self._prefills: list[Prefill] = []
+        # Sampling generators of the rows that sample, by id(row).
+        self._generators: dict[int, Any] = {}
+
+    @property
+    def rows(self) -> list[Row]:
+        """Every row not finished yet: decoding, or having its prompt read."""
+        decoding = [row for batch in self._batches.values() for row in batch.rows]
+        return decoding + [row for prefill in self._prefills for row in prefill.rows]
+
+    def admit(self, lane: Lane, rows: list[Row]) -> None:
+        """Starts reading the prompts of new rows of one lane; they decode from the next step
+        on. Bare rows ride in a running routed lane when there is one (one pass fewer)."""
+        if not rows:
+            return
+        if _bare(lane) and all(row.adapter is None for row in rows):
+            lane = next((known for known in self._lanes() if known.routed), lane)
+        self._prefills.append(Prefill(lane, rows, self._pad, self._device))
+
+    def _lanes(self) -> list[Lane]:
+        return [b.lane for b in self._batches.values()] + [p.lane for p in self._prefills]
+
+    def step(self) -> list[Row]:
+        """One step of every row; returns the rows that finished in it."""
+        self._read_prompts()
+        finished: list[Row] = []
+        stepped = [row for batch in self._batches.values() for row in batch.rows]
+        for row in stepped:
+            row.peak = max(row.peak, len(stepped))
+        for key, batch in list(self._batches.items()):
+            going = batch.choose(self._tokenizer, self._eos, self._generators)
+            finished += [row for row in batch.rows if row.done]
+            batch.drop_finished()
+            if batch.rows:
+                batch.step(going)
+            else:
+                del self._batches[key]
+        for row in finished:
+            self._generators.pop(id(row), None)
+        return finished
+
+    def _read_prompts(self) -> None:
+        budget = PREFILL_TOKENS_PER_STEP if self._batches else None
+        for prefill in list(self._prefills):
+            if budget is None:
+                columns = prefill.width
+            elif budget > 0:
+                columns = max(1, budget // len(prefill.rows))
+                budget -= columns * len(prefill.rows)
+            else:
+                break
+            prefill.advance(columns)
+            if prefill.done:
+                self._prefills.remove(prefill)
+                self._join(prefill.decoding())
+
+    def _join(self, batch: Batch) -> None:
+        if batch.lane.routed:
+            # Bare rows decoding on the bare base move into the routed lane (peft's __base__
+            # rows): the same weights, so their cache carries over, and one pass fewer a step.
+            for key, bare in list(self._batches.items()):
+                if _bare(bare.lane):
+                    del self._batches[key]
+                    batch.merge(bare)
+        running = self._batches.get(batch.lane.key)
+        if running is None:
+            self._batches[batch.lane.key] = batch
+        else:
+            running.merge(batch)
+
+
+def decode_batch(
+    lane: Lane, tokenizer: PreTrainedTokenizerBase, rows: list[Row], device: Any
+) -> None:
+    """Runs rows of one lane, all starting together, to their ends (eos, stop sequence, token
+    budget or cancellation)."""
+    decoder = Decoder(tokenizer, device, eos_ids(lane.model, tokenizer))
+    decoder.admit(lane, rows)
+    with torch.inference_mode():
+        while decoder.rows:
+            decoder.step()
