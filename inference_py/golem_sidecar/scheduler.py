@@ -46,6 +46,11 @@ class Decoder:
         self._generators: dict[int, Any] = {}
 
     @property
+    def batches(self) -> list[Batch]:
+        """The running batches, one per lane."""
+        return list(self._batches.values())
+
+    @property
     def rows(self) -> list[Row]:
         """Every row not finished yet: decoding, or having its prompt read."""
         decoding = [row for batch in self._batches.values() for row in batch.rows]
