@@ -70,7 +70,7 @@ export const configSchema = z.strictObject({
     // The sidecar's batching: most requests decoded together, how long a batch waits to fill,
     // how many may wait (beyond that: RESOURCE_EXHAUSTED), and named adapters resident per base.
     maxBatchSize: positiveInt.default(32),
-    batchWaitMs: nonNegativeInt.default(5),
+    batchWaitMs: nonNegativeInt.default(0),
     maxQueue: positiveInt.default(256),
     maxAdapters: positiveInt.default(8),
     // Base models resident per sidecar; beyond it the least recently used is evicted.

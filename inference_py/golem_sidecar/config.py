@@ -57,7 +57,9 @@ class Limits:
     # Requests decoded together in one batch, at most.
     max_batch_size: int = 32
     # How long the first request of a batch waits for others to join.
-    batch_wait_ms: int = 5
+    # Latecomers join a running batch at its next step (continuous batching), so waiting for
+    # company only delays a lone request.
+    batch_wait_ms: int = 0
     # Requests waiting per base model; beyond it, RESOURCE_EXHAUSTED at once.
     max_queue: int = 256
     # Adapters kept attached per base; beyond it the least recently used is evicted.

@@ -30,7 +30,7 @@ describe('loadConfig', () => {
       maxMessageBytes: 1048576,
       maxInputBytes: 65536,
       maxBatchSize: 32,
-      batchWaitMs: 5,
+      batchWaitMs: 0,
       maxQueue: 256,
       maxAdapters: 8,
       maxModels: 2,
