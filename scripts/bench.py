@@ -3,10 +3,16 @@ transformers + peft, on the embedded default and on a tiny model, side by side i
 
     scripts/bench [--quick] [--out FILE] [--models-dir DIR] [--only default|tiny]
 
-Sections: (1) one-shot process vs warm daemon, (2) the gateway hop, (3) tokens/s by
-concurrency vs a sequential generate loop, (4) one load over 1/4/16 adapters vs the bare base,
-(5) the machine's float32 matmul FLOP/s and each throughput as a fraction of it. Every request
-must succeed: failures are counted, printed, and make the exit status 1.
+Sections: (1) one-shot process vs warm daemon; (2) issue 9's natural-stop workload (64 genre
+prompts, at most 24 tokens): plain transformers + peft one prompt at a time and in left-padded
+batches of 32 against golem at concurrency 1, 32 and 64, with golem's answers checked against
+the plain batches'; (3) forced-length decode: 24 tokens per answer, one plain padded batch of 64
+against golem at concurrency 64; (4) one load over 1/4/16 adapters vs the bare base; (5) the
+gateway's overhead over the sidecar alone, 1 token and real generation; (6) the machine's
+float32 matmul FLOP/s and each throughput as a fraction of it. Sections 2 and 3 replace the
+earlier tokens/s-by-concurrency table and its sequential generate loop. Every request must
+succeed, every golem answer of section 2 must equal plain's and every one of section 3 must
+run to 24 tokens: anything else is counted, printed, and makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -30,15 +36,19 @@ from typing import Any
 
 import grpc
 import torch
-from bench_oneshot import SEED_PROMPT, generate_greedy, load_with_adapter
+from bench_oneshot import SEED_PROMPT, load_with_adapter
+from bench_plain import one_by_one, padded_batches
 from bench_report import (
     ADAPTER_COUNTS,
+    BATCH,
+    FORCED_LEVEL,
     FULL,
-    HOP_LEVELS,
+    HOP_RUNS,
     LOAD,
     MAX_ADAPTERS,
+    NATURAL_LEVELS,
     QUICK,
-    THROUGHPUT_LEVELS,
+    TOKENS,
     Case,
     Figures,
     Hop,
@@ -58,6 +68,9 @@ TEMPLATES = (
     "Chapter one of {} opens on a cold morning when",
     "The history of {} begins",
 )
+# Sections 3 and 4 scale the adapter's lora_B by this: the base's story runs on to 24 tokens
+# (the demo adapter answers every prompt with a genre and eos) while every matmul stays.
+QUIET = 1e-3
 
 
 @dataclass
@@ -84,12 +97,12 @@ async def _drive(
         except TimeoutError:
             raise RuntimeError(f"{address} accepts no connection (gone?)") from None
         stub = exam_pb2_grpc.ExamServiceStub(channel)
-        queue = iter(requests)
+        queue = iter(enumerate(requests))
         latencies: list[float] = []
-        responses: list[exam_pb2.TakeExamResponse] = []
+        answered: dict[int, exam_pb2.TakeExamResponse] = {}
 
         async def caller() -> None:
-            for request in queue:  # shared: each caller takes the next request
+            for index, request in queue:  # shared: each caller takes the next request
                 started = time.perf_counter()
                 try:
                     response = await stub.TakeExam(request, timeout=REQUEST_TIMEOUT_S)
@@ -97,13 +110,13 @@ async def _drive(
                     tally.failures.append(f"{address}: {err.code().name}: {err.details()}")
                     continue
                 latencies.append(time.perf_counter() - started)
-                responses.append(response)
+                answered[index] = response
 
         started = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     tally.sent += len(requests)
-    return Load(wall, latencies, responses)
+    return Load(wall, latencies, answered)
 
 
 def drive(
@@ -122,10 +135,16 @@ def exam(case: Case, prompt: str, max_new_tokens: int, **fields: Any) -> exam_pb
     )
 
 
+def genre_prompts() -> list[str]:
+    """Issue 9's natural-stop prompts: the genre question of each of the first 64 books."""
+    lines = (ROOT / "data" / "genres.jsonl").read_text().splitlines()[:64]
+    return [f"Instruction: {json.loads(line)['instruction']}\nResponse:" for line in lines]
+
+
 def distinct_prompts() -> list[str]:
     """Story openings over the book titles of data/genres.jsonl: distinct, and long enough
-    answers that decoding, not prefill, dominates (the demo adapter answers genre questions in
-    two tokens)."""
+    answers that decoding, not prefill, dominates (on the bare base or a quiet adapter: the demo
+    adapter answers these too with a genre and stops)."""
     lines = (ROOT / "data" / "genres.jsonl").read_text().splitlines()
     questions = (json.loads(line)["instruction"] for line in lines)
     titles = dict.fromkeys(re.sub(r"^.* genre (is|of) (.+)\?$", r"\2", q) for q in questions)
@@ -152,56 +171,97 @@ def oneshot(case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
     figures.oneshot_s = statistics.median(times)
 
 
-def hop(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
-    """(2) The same max_new_tokens=1 requests straight to the sidecar and through the gateway,
-    in alternating rounds (the machine is shared); medians over the rounds."""
-    prompts = distinct_prompts()
-    for level in HOP_LEVELS:
-        count = plan.hop_requests[level]
-        requests = [exam(case, prompts[i % len(prompts)], 1) for i in range(count)]
-        drive(stack.gateway, requests[:level], level, tally)  # warm-up, not timed
-        runs: dict[str, list[Load]] = {stack.sidecar: [], stack.gateway: []}
-        for round_ in range(plan.hop_rounds):
-            order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
-            for address in order:
-                runs[address].append(drive(address, requests, level, tally))
-        direct, through = runs[stack.sidecar], runs[stack.gateway]
-        figures.hop[level] = Hop(
-            direct_p50_ms=statistics.median(r.p50_ms for r in direct),
-            gateway_p50_ms=statistics.median(r.p50_ms for r in through),
-            direct_rps=statistics.median(r.requests_per_s for r in direct),
-            gateway_rps=statistics.median(r.requests_per_s for r in through),
-        )
-
-
-def throughput(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
-    """(3) Generated tokens/s through the gateway at each concurrency, distinct prompts."""
-    prompts = distinct_prompts()
-    for level in THROUGHPUT_LEVELS:
-        count = plan.requests_at(level)
-        requests = [exam(case, prompts[i], plan.max_new_tokens) for i in range(count)]
-        progress(f"{case.label}: throughput at concurrency {level} ({count} requests)")
-        figures.throughput[level] = drive(stack.gateway, requests, level, tally)
-
-
-def sequential(case: Case, plan: Plan, figures: Figures) -> None:
-    """(3) The baseline: one plain transformers + peft ``generate`` call after another, on the
-    prompts and max_new_tokens of concurrency 32, in this process while the daemon idles."""
+def natural(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
+    """(2) The genre prompts, plain one by one and in batches of 32 (in this process, while
+    the daemon idles), then golem through the gateway at each concurrency, round after round."""
+    prompts = genre_prompts()[: plan.natural_prompts]
     model, tokenizer = load_with_adapter(case.model, case.adapter)
     figures.params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    prompts = distinct_prompts()[: plan.requests_at(LOAD)]
-    generate_greedy(model, tokenizer, prompts[0], plan.max_new_tokens)  # warm-up
-    started, tokens = time.perf_counter(), 0
-    for prompt in prompts:
-        tokens += len(generate_greedy(model, tokenizer, prompt, plan.max_new_tokens))
-    figures.sequential_tokens_per_s = tokens / (time.perf_counter() - started)
-    figures.sequential_mean_tokens = tokens / len(prompts)
+    requests = [exam(case, prompt, TOKENS) for prompt in prompts]
+    padded_batches(model, tokenizer, prompts[:2], BATCH, TOKENS)  # warm-up
+    drive(stack.gateway, requests[:BATCH], BATCH, tally)  # warm-up
+    for round_ in range(plan.natural_rounds):
+        progress(f"{case.label}: natural stop, round {round_ + 1} of {plan.natural_rounds}")
+        figures.natural_alone.append(one_by_one(model, tokenizer, prompts, TOKENS))
+        figures.natural_batched.append(padded_batches(model, tokenizer, prompts, BATCH, TOKENS))
+        for level in NATURAL_LEVELS:
+            load = drive(stack.gateway, requests, level, tally)
+            figures.natural.setdefault(level, []).append(load)
+    check_fidelity(case, prompts, figures, tally)
 
 
-def perturbed_copies(adapter: Path, out: Path, count: int) -> list[str]:
+def check_fidelity(case: Case, prompts: list[str], figures: Figures, tally: Tally) -> None:
+    """Counts golem's answers equal to the first plain batches' (greedy either way); each one
+    that differs is a failure, printed with both answers and the plain loop's."""
+    batched, alone = figures.natural_batched[0].answers, figures.natural_alone[0].answers
+    for level, loads in figures.natural.items():
+        equal = compared = 0
+        for load in loads:
+            for index, response in load.answered.items():
+                compared += 1
+                if response.answer == batched[index]:
+                    equal += 1
+                    continue
+                tally.failures.append(
+                    f"{case.label}: natural stop c{level}: {prompts[index]!r}: golem "
+                    f"{response.answer!r}, plain batch {batched[index]!r}, plain alone "
+                    f"{alone[index]!r}"
+                )
+        figures.natural_equal[level] = (equal, compared)
+
+
+def long_prompts(stack: Stack, case: Case, adapter: str, count: int, tally: Tally) -> list[str]:
+    """The first ``count`` story openings whose greedy answer wearing ``adapter`` runs to TOKENS
+    tokens (asked of the sidecar, a batch at a time): golem has no min_new_tokens, and even the
+    tiny model's random weights now and then pick eos. Repeated if too few do."""
+    candidates, found = distinct_prompts(), []
+    for start in range(0, len(candidates), FORCED_LEVEL):
+        chunk = candidates[start : start + FORCED_LEVEL]
+        requests = [exam(case, prompt, TOKENS, adapter_path=adapter) for prompt in chunk]
+        probe = drive(stack.sidecar, requests, FORCED_LEVEL, tally)
+        found += [chunk[i] for i, r in probe.answered.items() if r.answer_tokens == TOKENS]
+        if len(found) >= count:
+            return found[:count]
+    if not found:
+        raise RuntimeError(f"{case.label}: no story opening runs to {TOKENS} tokens")
+    return [found[i % len(found)] for i in range(count)]
+
+
+def forced(
+    stack: Stack,
+    case: Case,
+    plan: Plan,
+    figures: Figures,
+    tally: Tally,
+    prompts: list[str],
+    quiet: str,
+) -> None:
+    """(3) Every answer TOKENS long: plain in one padded batch with min_new_tokens, golem with
+    all requests in flight on prompts that run that long by themselves (checked)."""
+    model, tokenizer = load_with_adapter(case.model, quiet)
+    requests = [exam(case, prompt, TOKENS, adapter_path=quiet) for prompt in prompts]
+    padded_batches(model, tokenizer, prompts[:2], len(prompts), TOKENS, TOKENS)  # warm-up
+    drive(stack.gateway, requests, FORCED_LEVEL, tally)  # warm-up
+    for round_ in range(plan.forced_rounds):
+        progress(f"{case.label}: forced length, round {round_ + 1} of {plan.forced_rounds}")
+        run = padded_batches(model, tokenizer, prompts, len(prompts), TOKENS, TOKENS)
+        figures.forced_plain.append(run)
+        load = drive(stack.gateway, requests, FORCED_LEVEL, tally)
+        figures.forced_golem.append(load)
+        short = {i: r.answer_tokens for i, r in load.answered.items() if r.answer_tokens != TOKENS}
+        figures.forced_short += len(short)
+        if short:
+            tally.failures.append(
+                f"{case.label}: forced length: {len(short)} of {len(requests)} golem answers are "
+                f"not {TOKENS} tokens (request index: tokens {short})"
+            )
+
+
+def perturbed_copies(adapter: Path, out: Path, count: int, quiet: float = 1.0) -> list[str]:
     """Copies of the adapter, each with its own small noise on every weight: distinct adapters
-    that cost what the original costs."""
+    that cost what the original costs. ``quiet`` scales every lora_B weight first."""
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors = {n: t * quiet if "lora_B" in n else t for n, t in tensors.items()}
     copies = []
     for i in range(count):
         noise = torch.Generator().manual_seed(i)
@@ -218,27 +278,51 @@ def perturbed_copies(adapter: Path, out: Path, count: int) -> list[str]:
 
 
 def adapters(
-    stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally, workdir: Path
+    stack: Stack,
+    case: Case,
+    figures: Figures,
+    tally: Tally,
+    prompts: list[str],
+    copies: list[str],
 ) -> None:
     """(4) The same load at concurrency 32 spread round-robin over 1, 4 and 16 adapters, and on
-    the bare base (disable_adapter)."""
-    copies = perturbed_copies(Path(case.adapter), workdir / "adapters", max(ADAPTER_COUNTS))
-    prompts = distinct_prompts()[: plan.adapter_requests]
-    # Attach every copy before timing: loading is not what this section measures.
-    drive(stack.gateway, [exam(case, prompts[0], 1, adapter_path=c) for c in copies], LOAD, tally)
-    new = plan.max_new_tokens
-    loads = {"base": [exam(case, p, new, disable_adapter=True) for p in prompts]}
+    the bare base (disable_adapter), on section 3's story prompts."""
+    loads = {"base": [exam(case, p, TOKENS, disable_adapter=True) for p in prompts]}
     for count in ADAPTER_COUNTS:
         loads[str(count)] = [
-            exam(case, p, new, adapter_path=copies[i % count]) for i, p in enumerate(prompts)
+            exam(case, p, TOKENS, adapter_path=copies[i % count]) for i, p in enumerate(prompts)
         ]
     for name, requests in loads.items():
         progress(f"{case.label}: concurrency {LOAD} over adapters={name}")
         figures.adapters[name] = drive(stack.gateway, requests, LOAD, tally)
 
 
+def hop(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) -> None:
+    """(5) The same requests straight to the sidecar and through the gateway, in alternating
+    rounds (the machine is shared); medians over the rounds. One new token measures the hop
+    alone; the genre prompts with TOKENS measure it under real generation."""
+    for tokens, level in HOP_RUNS:
+        prompts = distinct_prompts() if tokens == 1 else genre_prompts()
+        count = plan.hop_requests[level]
+        requests = [exam(case, prompts[i % len(prompts)], tokens) for i in range(count)]
+        progress(f"{case.label}: gateway hop, {tokens} token(s) at concurrency {level}")
+        drive(stack.gateway, requests[:level], level, tally)  # warm-up, not timed
+        runs: dict[str, list[Load]] = {stack.sidecar: [], stack.gateway: []}
+        for round_ in range(plan.hop_rounds):
+            order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
+            for address in order:
+                runs[address].append(drive(address, requests, level, tally))
+        direct, through = runs[stack.sidecar], runs[stack.gateway]
+        figures.hop[(tokens, level)] = Hop(
+            direct_p50_ms=statistics.median(r.p50_ms for r in direct),
+            gateway_p50_ms=statistics.median(r.p50_ms for r in through),
+            direct_wall_s=statistics.median(r.wall_s for r in direct),
+            gateway_wall_s=statistics.median(r.wall_s for r in through),
+        )
+
+
 def bench_model(case: Case, plan: Plan, tally: Tally, workdir: Path) -> Figures:
-    """Sections 1 to 4 on one model, with its own sidecar and gateway."""
+    """Sections 1 to 5 on one model, with its own sidecar and gateway."""
     figures = Figures(case)
     progress(f"{case.label}: starting sidecar and gateway")
     with running_stack(ROOT, case.model, case.adapter, workdir, MAX_ADAPTERS) as stack:
@@ -249,17 +333,22 @@ def bench_model(case: Case, plan: Plan, tally: Tally, workdir: Path) -> Figures:
         figures.warm_answer = warm.responses[0].answer if warm.responses else ""
         progress(f"{case.label}: one-shot processes ({plan.oneshot_runs})")
         oneshot(case, plan, figures, tally)
-        progress(f"{case.label}: gateway hop")
+        natural(stack, case, plan, figures, tally)
+        quiet = workdir / "adapters"
+        copies = perturbed_copies(Path(case.adapter), quiet, max(ADAPTER_COUNTS), QUIET)
+        # Attach every copy before timing: loading is not what sections 3 and 4 measure.
+        attach = [exam(case, SEED_PROMPT, 1, adapter_path=c) for c in copies]
+        drive(stack.gateway, attach, LOAD, tally)
+        count = max(plan.forced_prompts, plan.adapter_requests)
+        prompts = long_prompts(stack, case, copies[0], count, tally)
+        forced(stack, case, plan, figures, tally, prompts[: plan.forced_prompts], copies[0])
+        adapters(stack, case, figures, tally, prompts[: plan.adapter_requests], copies)
         hop(stack, case, plan, figures, tally)
-        throughput(stack, case, plan, figures, tally)
-        progress(f"{case.label}: sequential transformers + peft loop")
-        sequential(case, plan, figures)
-        adapters(stack, case, plan, figures, tally, workdir)
     return figures
 
 
 def matmul_flops(repeats: int) -> dict[int, float]:
-    """(5) Best float32 FLOP/s of square matmuls, at torch's own thread count."""
+    """(6) Best float32 FLOP/s of square matmuls, at torch's own thread count."""
     result = {}
     for n in (1024, 2048):
         a, b = torch.randn(n, n), torch.randn(n, n)

@@ -4,7 +4,8 @@ transformers + peft, answer one prompt greedily, print the answer as one JSON li
     python scripts/bench_oneshot.py --model M --adapter A [--prompt P] [--max-new-tokens N]
 
 scripts/bench.py times this whole process (imports included, as the seed paid them on every
-question) and reuses ``load_with_adapter`` and ``generate_greedy`` for its sequential baseline.
+question); scripts/bench_plain.py reuses ``load_with_adapter`` and ``generate_greedy`` for the
+plain transformers + peft baselines.
 """
 
 from __future__ import annotations

@@ -139,8 +139,8 @@ def measure(name: str, quantization: dict[str, Any], quick: bool, workdir: Path)
 
 
 def answer_to(load: Any, prompt: str) -> str:
-    """The answer a run gave to ``prompt`` (responses come in completion order; the prompts are
-    distinct and none begins another)."""
+    """The answer a run gave to ``prompt``, found by its full text (the prompts are distinct and
+    none begins another)."""
     for response in load.responses:
         if response.full_text.startswith(prompt):
             return str(response.answer)
