@@ -7,7 +7,10 @@ default: the time until SERVING, generated tokens/s through the gateway at concu
 (distinct prompts, as scripts/bench.py section 3), the sidecar's resident memory once warm
 (VmRSS) and its peak (VmHWM, which includes loading), the footprint ListAdapters reports, and
 whether its answers equal plain transformers + peft (+ bitsandbytes) with the same settings,
-alone (concurrency 1) and in batches (the same prompts inside the concurrency-32 run).
+alone (concurrency 1) and in batches (the same prompts inside the concurrency-32 run). Last,
+issue 9's natural-stop workload (scripts/bench.py section 2) in each quantization: the 64 genre
+prompts, at most 24 tokens, golem at concurrency 32 against plain left-padded batches of 32 with
+the same settings (run while the daemon idles).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from typing import Any
 
 import grpc
 import torch
-from bench import ROOT, Tally, distinct_prompts, drive, progress
+from bench import ROOT, Tally, distinct_prompts, drive, genre_prompts, progress
 from bench_oneshot import SEED_PROMPT
+from bench_plain import padded_batches
 from bench_stack import running_stack
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -130,12 +134,27 @@ def measure(name: str, quantization: dict[str, Any], quick: bool, workdir: Path)
         row["footprint_bytes"] = max(m.memory_footprint_bytes for m in listing.models)
         row["alone"] = [answer_to(one, p) for p in prompts[:requests_1]]
         row["batched"] = [answer_to(many, p) for p in prompts[:requests_1]]
+        progress(f"{name}: natural stop, concurrency 32")
+        genres = genre_prompts()[: 16 if quick else 64]
+        natural = drive(stack.gateway, [exam(p, NATURAL_TOKENS) for p in genres], 32, tally)
+        row["natural_golem_s"] = natural.wall_s
+        natural_answers = [answer_to(natural, p) for p in genres]
     row["failures"] = tally.failures
     progress(f"{name}: the plain recipe")
     plain, tokenizer = _plain_model(model, adapter, quantization)
     row["plain"] = _plain_answers(plain, tokenizer, prompts[:requests_1], tokens)
     row["plain_hobbit"] = _plain_answers(plain, tokenizer, [SEED_PROMPT], 20)[0]
+    padded_batches(plain, tokenizer, genres[:2], 32, NATURAL_TOKENS)  # warm-up
+    batches = padded_batches(plain, tokenizer, genres, 32, NATURAL_TOKENS)
+    row["natural_plain_s"] = batches.wall_s
+    pairs = zip(natural_answers, batches.answers, strict=True)
+    row["natural_equal"] = sum(a == b for a, b in pairs)
+    row["natural_n"] = len(genres)
     return row
+
+
+# As scripts/bench.py section 2.
+NATURAL_TOKENS = 24
 
 
 def answer_to(load: Any, prompt: str) -> str:
@@ -156,8 +175,9 @@ def _json(message: Any) -> str:
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| quantization | start s | tokens/s c=1 | tokens/s c=32 (mean batch) | RSS MiB warm | "
-        "peak RSS MiB | footprint MB | hobbit | = plain alone | = plain in batches |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS MiB | footprint MB | hobbit | = plain alone | = plain in batches | "
+        "natural stop: plain batches of 32 s / golem c32 s (= plain) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         same_alone = sum(a == p for a, p in zip(r["alone"], r["plain"], strict=True))
@@ -169,7 +189,9 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {r['variant']} | {r['start_s']:.1f} | {r['tokens_per_s_1']:.1f} | "
             f"{r['tokens_per_s_32']:.1f} ({r['mean_batch_32']:.1f}) | {r['VmRSS'] / 1024:.0f} | "
             f"{r['VmHWM'] / 1024:.0f} | {r['footprint_bytes'] / 1e6:.1f} | {hobbit} | "
-            f"{same_alone}/{n} | {same_batched}/{n} |"
+            f"{same_alone}/{n} | {same_batched}/{n} | {r['natural_plain_s']:.2f} / "
+            f"{r['natural_golem_s']:.2f} = {r['natural_plain_s'] / r['natural_golem_s']:.2f}x "
+            f"({r['natural_equal']}/{r['natural_n']}) |"
         )
     return "\n".join(lines)
 
