@@ -86,7 +86,9 @@ class _LayerStack:
         grouped = x.index_select(0, rows).to(self.a.dtype).view(n, -1, width)
         hidden = torch.bmm(grouped, self.a.transpose(1, 2)).view(n, -1, tokens, r).mul_(scale)
         update = torch.bmm(hidden.view(n, -1, r), self.b).view(rows.shape[0], tokens, -1)
-        return out.index_add(0, rows, update.to(out.dtype))
+        # ``out`` is the base layer's fresh output (the LoRA layer is off): adding in place
+        # spares a copy of it per layer.
+        return out.index_add_(0, rows, update.to(out.dtype))
 
 
 @dataclass
