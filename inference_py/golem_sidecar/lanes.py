@@ -8,6 +8,7 @@ So a base keeps one peft wrapper per adapter type (models.py), and a batch is cu
 - plain LoRA rows (rsLoRA included) and bare rows, together on the LoRA wrapper, each row
   routed to its adapter by ``adapter_names`` (the bare ones to peft's ``__base__``), or, in a
   forward pass whose rows all wear one adapter, with that adapter active (no per-row dispatch);
+  rows wearing several adapters take the gathered forward (multilora.py) wherever it applies;
 - one lane per adapter of every other kind (DoRA, IA3, LoHa, LoKr, AdaLoRA), on its type's
   wrapper with that adapter active, since peft cannot route rows among them.
 
@@ -20,8 +21,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-# peft's placeholder in ``adapter_names`` for rows that wear no adapter.
-BASE_ADAPTER = "__base__"
+from golem_sidecar.multilora import BASE_ADAPTER, can_gather, gathered_forward
 
 T = TypeVar("T")
 
@@ -48,6 +48,9 @@ class Lane:
             # whichever lane ran last.
             lane.model.set_adapter(lane.active, inference_mode=True)
         if lane.routed:
+            # One adapter costs peft's loop little; more are served in one gathered pass.
+            if len(set(adapters) - {None}) > 1 and can_gather(lane.model, adapters):
+                return gathered_forward(lane.model, adapters, **inputs)
             inputs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
         return lane.model(**inputs)
 
