@@ -18,11 +18,12 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 from golem_sidecar.adapters import check_adapter_folder
 from golem_sidecar.config import Security
-from golem_sidecar.decoding import Row, decode_batch
+from golem_sidecar.decoding import Row
 from golem_sidecar.lanes import BASE_ADAPTER, Lane, group_by_lane
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.multilora import can_gather, gathered_forward
 from golem_sidecar.placement import Placement, bitsandbytes_installed
+from golem_sidecar.scheduler import decode_batch
 from tests.test_peft_types import MIXED_PROMPTS
 from tests.tiny_models import local_model
 
