@@ -69,7 +69,7 @@ export const configSchema = z.strictObject({
     maxInputBytes: positiveInt.default(65536),
     // The sidecar's batching: most requests decoded together, how long a batch waits to fill,
     // how many may wait (beyond that: RESOURCE_EXHAUSTED), and named adapters resident per base.
-    maxBatchSize: positiveInt.default(32),
+    maxBatchSize: positiveInt.default(64),
     batchWaitMs: nonNegativeInt.default(0),
     maxQueue: positiveInt.default(256),
     maxAdapters: positiveInt.default(8),

@@ -29,7 +29,7 @@ describe('loadConfig', () => {
       shutdownGraceMs: 10000,
       maxMessageBytes: 1048576,
       maxInputBytes: 65536,
-      maxBatchSize: 32,
+      maxBatchSize: 64,
       batchWaitMs: 0,
       maxQueue: 256,
       maxAdapters: 8,
