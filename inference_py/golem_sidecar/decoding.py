@@ -149,27 +149,18 @@ def _stream(row: Row) -> None:
         row._emitted = visible
 
 
-def _left_pad(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-        mask[i, width - len(row.prompt_ids) :] = 1
-    return ids, mask
-
-
-def _forward(
+def forward(
     lane: Lane,
-    rows: list[Row],
+    adapters: list[str | None],
     ids: torch.Tensor,
     mask: torch.Tensor,
     positions: torch.Tensor,
     cache: DynamicCache,
 ) -> torch.Tensor:
-    """The next-token logits of each row after reading ``ids`` on top of ``cache``."""
+    """The next-token logits of each row (wearing ``adapters``) after reading ``ids`` on top of
+    ``cache``."""
     out = lane(
-        [r.adapter for r in rows],
+        adapters,
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
@@ -179,49 +170,6 @@ def _forward(
     )
     logits: torch.Tensor = out.logits[:, -1, :]
     return logits
-
-
-class Prefill:
-    """Rows reading their prompts, left-padded together: at once, or a chunk of columns per
-    step so that rows already decoding are never held up by a long prompt for long."""
-
-    def __init__(self, lane: Lane, rows: list[Row], pad_id: int, device: Any) -> None:
-        self.lane, self.rows = lane, rows
-        ids, mask = _left_pad(rows, pad_id)
-        self.ids, self.mask = ids.to(device), mask.to(device)
-        # Positions count real tokens only, so a padded row sees the positions it would alone.
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache()
-        self.read = 0
-        self.logits: torch.Tensor | None = None
-
-    @property
-    def width(self) -> int:
-        return int(self.ids.shape[1])
-
-    @property
-    def done(self) -> bool:
-        return self.read == self.width
-
-    def advance(self, columns: int) -> None:
-        """Reads up to ``columns`` more prompt columns of every row."""
-        end = min(self.width, self.read + max(1, columns))
-        self.logits = _forward(
-            self.lane,
-            self.rows,
-            self.ids[:, self.read : end],
-            self.mask[:, :end],
-            self.positions[:, self.read : end],
-            self.cache,
-        )
-        self.read = end
-
-    def decoding(self) -> Batch:
-        """The rows, prompts read, ready for their first token."""
-        assert self.done and self.logits is not None
-        return Batch(
-            self.lane, self.rows, self.mask, self.positions[:, -1:], self.cache, self.logits
-        )
 
 
 class Batch:
@@ -288,7 +236,8 @@ class Batch:
         self.mask = torch.cat([self.mask, ones], dim=1)
         self.last = self.last + 1
         ids = torch.tensor(tokens, device=device).unsqueeze(1)
-        self.logits = _forward(self.lane, self.rows, ids, self.mask, self.last, self.cache)
+        adapters = [row.adapter for row in self.rows]
+        self.logits = forward(self.lane, adapters, ids, self.mask, self.last, self.cache)
 
     def choose(
         self, tokenizer: PreTrainedTokenizerBase, eos: set[int], generators: dict[int, Any]

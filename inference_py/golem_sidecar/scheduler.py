@@ -3,7 +3,7 @@ and leave them the step they finish, so a newcomer never waits for a whole batch
 
 Each step:
 
-1. rows whose prompts are being read (decoding.Prefill) read the next chunk; a prefill that is
+1. rows whose prompts are being read (prefill.Prefill) read the next chunk; a prefill that is
    done joins its lane's running batch (decoding.Batch.merge), or starts it;
 2. every running batch picks each row's next token and, for the rows still going, runs one
    forward pass.
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from golem_sidecar.decoding import Batch, Prefill, Row, eos_ids, pad_id
+from golem_sidecar.decoding import Batch, Row, eos_ids, pad_id
 from golem_sidecar.lanes import Lane
+from golem_sidecar.prefill import Prefill, length_groups
 
 # Prompt tokens read per step while other rows decode. A step of SmolLM2-135M over 512 tokens
 # costs about what four decode steps of a full batch do on 2 CPU cores: newcomers get in within
@@ -63,7 +64,8 @@ class Decoder:
             return
         if _bare(lane) and all(row.adapter is None for row in rows):
             lane = next((known for known in self._lanes() if known.routed), lane)
-        self._prefills.append(Prefill(lane, rows, self._pad, self._device))
+        for group in length_groups(rows):
+            self._prefills.append(Prefill(lane, group, self._pad, self._device))
 
     def _lanes(self) -> list[Lane]:
         return [b.lane for b in self._batches.values()] + [p.lane for p in self._prefills]
@@ -88,19 +90,21 @@ class Decoder:
         return finished
 
     def _read_prompts(self) -> None:
+        """Reads prompts: whole while nothing decodes, else at most PREFILL_TOKENS_PER_STEP
+        tokens between all prefills (at least one column of the first, so each gets on)."""
         budget = PREFILL_TOKENS_PER_STEP if self._batches else None
         for prefill in list(self._prefills):
-            if budget is None:
-                columns = prefill.width
-            elif budget > 0:
-                columns = max(1, budget // len(prefill.rows))
-                budget -= columns * len(prefill.rows)
-            else:
+            while not prefill.done and (budget is None or budget > 0):
+                if budget is None:
+                    prefill.advance(prefill.width)
+                    continue
+                columns = max(1, budget // prefill.reading_rows)
+                budget -= columns * prefill.reading_rows
+                prefill.advance(columns)
+            if not prefill.done:
                 break
-            prefill.advance(columns)
-            if prefill.done:
-                self._prefills.remove(prefill)
-                self._join(prefill.decoding())
+            self._prefills.remove(prefill)
+            self._join(prefill.decoding())
 
     def _join(self, batch: Batch) -> None:
         if batch.lane.routed:

@@ -18,6 +18,7 @@ from golem_sidecar.gen import exam_pb2
 from golem_sidecar.lanes import group_by_lane
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.placement import Placement
+from golem_sidecar.prefill import Prefill, length_groups
 from golem_sidecar.scheduler import Decoder, decode_batch
 from tests.conftest import serving, tiny_config
 from tests.test_generation import PROMPTS
@@ -184,3 +185,54 @@ async def test_a_session_under_steady_load_lets_other_work_in(tiny: dict[str, st
         await asyncio.gather(*callers)
     assert loaded.adapter.name == "late"
     assert answered > before, "the callers went on being answered after the load"
+
+
+def test_rows_sharing_a_prefix_read_it_once_per_adapter_and_answer_as_alone(
+    base: tuple[ResidentBase, list[str | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template's shared beginning is read for one row per adapter and copied to the others:
+    whole, and in chunks while other rows decode."""
+    model, adapters = base
+    template = "Books, genres, answers and questions. " * 4 + "Instruction: Which genre is {}?"
+    titles = ["Dune", "the hobbit", "Dracula", "a tiny corpus", "The quick brown fox", "Books"]
+
+    def rows() -> list[Row]:
+        return [
+            _row(model, template.format(title), adapters[i % 3], 6)
+            for i, title in enumerate(titles * 2)
+        ]
+
+    shared = Prefill(model.lane(adapters[0]), rows(), 0, "cpu")
+    assert shared.shared > 20, "the template is read once per adapter"
+    assert shared.reading_rows == 3
+    whole = rows()
+    decoder = _decoder(model)
+    _admit(decoder, model, whole)
+    _run(decoder)
+    monkeypatch.setattr(scheduler, "PREFILL_TOKENS_PER_STEP", 16)
+    running = _row(model, PROMPTS[0], adapters[1], 40)
+    chunked = rows()
+    decoder = _decoder(model)
+    _admit(decoder, model, [running])
+    decoder.step()
+    _admit(decoder, model, chunked)
+    _run(decoder)
+    for row in [*whole, *chunked, running]:
+        assert row.generated == _alone(model, row), row.adapter
+    assert [r.generated for r in whole] == [r.generated for r in chunked]
+
+
+def test_prompts_of_very_different_lengths_are_read_in_groups() -> None:
+    """Padding 10 short prompts to 10 long ones costs more than a pass of their own; prompts of
+    one length stay together; every row is in exactly one group."""
+
+    def rows(*lengths: int) -> list[Row]:
+        return [Row([1] * n, None, 1, threading.Event()) for n in lengths]
+
+    mixed = rows(*([5] * 10 + [100] * 10))
+    groups = length_groups(mixed)
+    assert sorted(len(g) for g in groups) == [10, 10]
+    assert {len(r.prompt_ids) for r in groups[0]} == {5}
+    assert len(length_groups(rows(*([12] * 64)))) == 1
+    spread = rows(*range(1, 60))
+    assert sorted(map(id, (r for g in length_groups(spread) for r in g))) == sorted(map(id, spread))
