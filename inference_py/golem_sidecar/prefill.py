@@ -118,10 +118,10 @@ class Prefill:
         """How many rows the next chunk reads: one per adapter within the shared prefix."""
         return len(self._heads) if self.read < self.shared else len(self.rows)
 
-    def advance(self, columns: int) -> None:
+    def advance(self, columns: int) -> int:
         """Reads up to ``columns`` more prompt columns (of the shared prefix, then of every
-        row's own tokens)."""
-        start = self.read
+        row's own tokens); returns how many tokens that read."""
+        start, rows = self.read, self.reading_rows
         if start < self.shared:
             end = min(self.shared, start + max(1, columns))
             heads = len(self._heads)
@@ -147,6 +147,7 @@ class Prefill:
                 self.cache,
             )
         self.read = end
+        return (end - start) * rows
 
     def decoding(self) -> Batch:
         """The rows, prompts read, ready for their first token."""

@@ -98,9 +98,7 @@ class Decoder:
                 if budget is None:
                     prefill.advance(prefill.width)
                     continue
-                columns = max(1, budget // prefill.reading_rows)
-                budget -= columns * prefill.reading_rows
-                prefill.advance(columns)
+                budget -= prefill.advance(max(1, budget // prefill.reading_rows))
             if not prefill.done:
                 break
             self._prefills.remove(prefill)
