@@ -6,7 +6,7 @@ then --steps forced decode steps (eos ignored) with greedy tokens.
 
 Variants:
 
-- eager: what golem does now: decoding.Prefill and decoding.Batch (DynamicCache, mask and cache
+- eager: what golem does now: prefill.Prefill and decoding.Batch (DynamicCache, mask and cache
   grow by a column a step);
 - static: transformers' StaticCache, preallocated to prompt + steps columns, with a mask of that
   fixed width (columns not written yet are hidden by the causal mask), forward eager;
@@ -59,11 +59,12 @@ from transformers.cache_utils import StaticLayer  # noqa: E402
 
 from golem_sidecar.adapters import check_adapter_folder  # noqa: E402
 from golem_sidecar.config import Security  # noqa: E402
-from golem_sidecar.decoding import Batch, Prefill, Row, pad_id  # noqa: E402
+from golem_sidecar.decoding import Batch, Row, pad_id  # noqa: E402
 from golem_sidecar.gate import ModelRef  # noqa: E402
 from golem_sidecar.lanes import Lane  # noqa: E402
 from golem_sidecar.models import ResidentModels, peft_name  # noqa: E402
 from golem_sidecar.placement import Placement  # noqa: E402
+from golem_sidecar.prefill import Prefill  # noqa: E402
 from golem_sidecar.sampling import greedy_picks  # noqa: E402
 
 GGUF = ROOT / "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -253,7 +254,8 @@ def golem_path(
     held: dict[str, Batch] = {}
 
     def prefill() -> torch.Tensor:
-        reading.advance(reading.width)
+        while not reading.done:  # a shared prefix first, then each row's own tokens
+            reading.advance(reading.width)
         batch = reading.decoding()
         if decode_lane is not None:
             batch.lane = decode_lane
