@@ -39,6 +39,7 @@ from golem_sidecar.lanes import BASE_ADAPTER, Lane  # noqa: E402
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name  # noqa: E402
 from golem_sidecar.multilora import gathered_forward  # noqa: E402
 from golem_sidecar.placement import default_placement  # noqa: E402
+from golem_sidecar.prefill import left_pad  # noqa: E402
 
 ROWS = 32
 COUNTS = (1, 4, 16)
@@ -51,14 +52,8 @@ def prompts() -> list[str]:
 
 
 def left_padded(base: ResidentBase) -> dict[str, torch.Tensor]:
-    ids = [list(base.tokenizer(p)["input_ids"]) for p in prompts()]
-    width = max(map(len, ids))
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(ids):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
+    ids, mask = left_pad([list(base.tokenizer(p)["input_ids"]) for p in prompts()], 0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
 
 
 def step_seconds(forward: Forward, inputs: dict[str, torch.Tensor], steps: int) -> list[float]:

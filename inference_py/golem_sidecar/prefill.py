@@ -68,7 +68,8 @@ def shared_prefix(rows: list[Row]) -> int:
     return length
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of prompts padded on the left to the longest."""
     width = max(len(ids) for ids in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -91,7 +92,7 @@ class Prefill:
         if (len(rows) - len(self._heads)) * shared < SHARED_PREFIX_MIN_SAVING:
             shared = 0
         self.shared = shared
-        own, own_mask = _left_pad([row.prompt_ids[shared:] for row in rows], pad_id)
+        own, own_mask = left_pad([row.prompt_ids[shared:] for row in rows], pad_id)
         prefix = torch.tensor(rows[0].prompt_ids[:shared], dtype=torch.long)
         ids = torch.cat([prefix.expand(len(rows), shared), own], dim=1)
         mask = torch.cat([torch.ones((len(rows), shared), dtype=torch.long), own_mask], dim=1)

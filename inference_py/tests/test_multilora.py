@@ -23,6 +23,7 @@ from golem_sidecar.lanes import BASE_ADAPTER, Lane, group_by_lane
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.multilora import can_gather, gathered_forward
 from golem_sidecar.placement import Placement, bitsandbytes_installed
+from golem_sidecar.prefill import left_pad
 from golem_sidecar.scheduler import decode_batch
 from tests.test_peft_types import MIXED_PROMPTS
 from tests.tiny_models import local_model
@@ -85,14 +86,8 @@ def attached(tiny: dict[str, str], loras: dict[str, str]) -> ResidentBase:
 
 def padded(base: ResidentBase, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Left-padded inputs with positions counting real tokens, as decoding.py makes them."""
-    ids = [list(base.tokenizer(p)["input_ids"]) for p in prompts]
-    width = max(map(len, ids))
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(ids):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
+    ids, mask = left_pad([list(base.tokenizer(p)["input_ids"]) for p in prompts], 0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
 
 
 def rows_of(count: int) -> tuple[list[str | None], list[str]]:
@@ -116,21 +111,31 @@ def two_steps(call: Any, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [first, second]
 
 
+def gathered_as_routed(
+    wrapper: Any, adapters: list[str | None], inputs: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """The gathered forward's logits (prefill and a cached step), checked against peft's
+    routed forward's within float tolerance; returned for further checks."""
+    assert can_gather(wrapper, adapters)
+    routed_names = [a or BASE_ADAPTER for a in adapters]
+    with torch.inference_mode():
+        want = two_steps(lambda **kw: wrapper(**kw, adapter_names=routed_names), inputs)
+        got = two_steps(lambda **kw: gathered_forward(wrapper, adapters, **kw), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    return got
+
+
 def test_logits_equal_peft_routed_prefill_and_decode_step(
     tiny: dict[str, str], loras: dict[str, str]
 ) -> None:
     base = attached(tiny, loras)
     wrapper = base.wrappers["LORA"]
     adapters, prompts = rows_of(12)
-    assert can_gather(wrapper, adapters)
     inputs = padded(base, prompts)
-    routed_names = [a or BASE_ADAPTER for a in adapters]
+    got = gathered_as_routed(wrapper, adapters, inputs)
     with torch.inference_mode():
-        want = two_steps(lambda **kw: wrapper(**kw, adapter_names=routed_names), inputs)
-        got = two_steps(lambda **kw: gathered_forward(wrapper, adapters, **kw), inputs)
         bare = base.model(**inputs).logits
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     # Rows of two of the adapters only: served by the stacks of the wider set just built
     # (o_proj, which only all8 targets, gets no update).
     fewer = [a if a in (peft_name("qv4"), peft_name("rs2")) else None for a in adapters]
@@ -253,14 +258,7 @@ def test_on_a_four_bit_base_it_equals_peft_routed_and_plain_peft_alone(
     worn: list[str | None] = ["qv4", None, "all8", "rs2"]
     adapters = [peft_name(a) if a else None for a in worn]
     prompts = MIXED_PROMPTS[: len(worn)]
-    assert can_gather(wrapper, adapters)
-    inputs = padded(base, prompts)
-    routed_names = [a or BASE_ADAPTER for a in adapters]
-    with torch.inference_mode():
-        want = two_steps(lambda **kw: wrapper(**kw, adapter_names=routed_names), inputs)
-        got = two_steps(lambda **kw: gathered_forward(wrapper, adapters, **kw), inputs)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    gathered_as_routed(wrapper, adapters, padded(base, prompts))
     rows = decode_rows(base, worn, prompts)
     for adapter, prompt, row in zip(worn, prompts, rows, strict=True):
         assert row.generated == _plain(tiny["model"], loras[adapter] if adapter else None, prompt)
