@@ -12,13 +12,11 @@ from typing import Any
 from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.errors import invalid_argument
+from golem_sidecar.exams import MAX_STOP_CHARS, MAX_STOPS
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model, text_field
 from golem_sidecar.gen import exam_pb2
 from golem_sidecar.placement import Placement, QuantizationRequest, resolve_placement
 from golem_sidecar.sampling import SamplingParams
-
-MAX_STOPS = 8
-MAX_STOP_CHARS = 128
 
 
 @dataclass(frozen=True)
