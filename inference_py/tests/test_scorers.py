@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 import torch
@@ -196,6 +198,16 @@ def test_empty_context_scores_after_the_prefix_token(
     assert cont_ids == encode(tokenizer, "Horror")
 
 
+def logits_of(model: PeftModel) -> Callable[[list[int]], torch.Tensor]:
+    """The plain model as loglikelihood's ``model_call``: token ids in, logits per position out."""
+
+    def model_call(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids])).logits[0]
+
+    return model_call
+
+
 @pytest.mark.parametrize(
     ("context", "continuation"),
     [
@@ -209,10 +221,7 @@ def test_loglikelihood_equals_plain_peft_loss(
     adapted: tuple[PeftModel, PreTrainedTokenizerBase], context: str, continuation: str
 ) -> None:
     model, tokenizer = adapted
-
-    def model_call(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([ids])).logits[0]
+    model_call = logits_of(model)
 
     got = loglikelihood(model_call, tokenizer, context, continuation)
 
@@ -238,10 +247,7 @@ def test_a_trailing_space_scores_as_a_leading_one(
     adapted: tuple[PeftModel, PreTrainedTokenizerBase],
 ) -> None:
     model, tokenizer = adapted
-
-    def model_call(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([ids])).logits[0]
+    model_call = logits_of(model)
 
     moved = loglikelihood(model_call, tokenizer, CONTEXT + " ", "Science fiction")
     leading = loglikelihood(model_call, tokenizer, CONTEXT, " Science fiction")
@@ -252,10 +258,7 @@ def test_greedy_continuation_is_reported_greedy(
     adapted: tuple[PeftModel, PreTrainedTokenizerBase],
 ) -> None:
     model, tokenizer = adapted
-
-    def model_call(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor([ids])).logits[0]
+    model_call = logits_of(model)
 
     def round_trips(context: str, token_id: int) -> bool:
         # A lone byte decodes to U+FFFD, which does not re-tokenise to itself.
