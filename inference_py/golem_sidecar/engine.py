@@ -25,8 +25,6 @@ from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
 from golem_sidecar.session import ExamResult, Session, check_context
 
-__all__ = ["ExamEngine", "ExamResult", "check_context"]
-
 log = logging.getLogger(__name__)
 
 

@@ -16,7 +16,7 @@ from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
 from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
 from golem_sidecar.decoding import FINISH_EOS, FINISH_LENGTH, FINISH_STOP
-from golem_sidecar.engine import ExamEngine, ExamResult
+from golem_sidecar.engine import ExamEngine
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gate import FileChecks
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
@@ -25,6 +25,7 @@ from golem_sidecar.interceptors import CallInterceptor
 from golem_sidecar.models import ResidentBase
 from golem_sidecar.placement import Placement, effective_compute_dtype
 from golem_sidecar.registry import resolve_load, resolve_unload
+from golem_sidecar.session import ExamResult
 from golem_sidecar.shutdown import CallGate
 from golem_sidecar.wire import EXAM_SERVICE_NAME as SERVICE_NAME
 
