@@ -129,12 +129,8 @@ def run_comparison(
             ]
         )
     rows = [answer.row for answers in table for answer in answers]
-
-    def width(row: Row) -> int:
-        return len(row.prompt_ids) + spec.max_new_tokens
-
     for lane, members in group_by_lane(rows, lambda row: row.adapter, base.lane):
-        for group in split_passes(members, width, max_batch, max_tokens):
+        for group in split_passes(members, lambda row: row.width, max_batch, max_tokens):
             if cancelled.is_set():
                 raise caller_gone()
             decode_batch(lane, base.tokenizer, group, base.input_device)

@@ -67,6 +67,12 @@ class Row:
     def done(self) -> bool:
         return bool(self.finish_reason)
 
+    @property
+    def width(self) -> int:
+        """The most columns the row can hold: its prompt and its whole token budget (what the
+        per-pass limits bound, passes.py)."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
 
 def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The ids that end an answer: the model's generation config, else the tokenizer's eos."""

@@ -26,8 +26,8 @@ from golem_sidecar.lanes import Lane
 from golem_sidecar.prefill import Prefill, length_groups
 
 # Prompt tokens read per step while other rows decode. A step of SmolLM2-135M over 512 tokens
-# costs about what four decode steps of a full batch do on 2 CPU cores: newcomers get in within
-# a few steps, and rows already decoding slow down by a bounded factor meanwhile.
+# costs about what three or four decode steps of a full batch do on 2 CPU cores: newcomers get
+# in within a few steps, and rows already decoding slow down by a bounded factor meanwhile.
 PREFILL_TOKENS_PER_STEP = 512
 
 
@@ -62,7 +62,7 @@ class Decoder:
         on. Bare rows ride in a running routed lane when there is one (one pass fewer)."""
         if not rows:
             return
-        if _bare(lane) and all(row.adapter is None for row in rows):
+        if _bare(lane):
             lane = next((known for known in self._lanes() if known.routed), lane)
         for group in length_groups(rows):
             self._prefills.append(Prefill(lane, group, self._pad, self._device))
@@ -97,8 +97,8 @@ class Decoder:
             while not prefill.done and (budget is None or budget > 0):
                 if budget is None:
                     prefill.advance(prefill.width)
-                    continue
-                budget -= prefill.advance(max(1, budget // prefill.reading_rows))
+                else:
+                    budget -= prefill.advance(max(1, budget // prefill.reading_rows))
             if not prefill.done:
                 break
             self._prefills.remove(prefill)

@@ -8,7 +8,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -63,7 +63,7 @@ class _Prepared:
     adapter: AdapterFolder | None
     # The adapter's name in the base's registry (None: the bare base).
     adapter_name: str | None
-    admitted_at: int = field(default=0)
+    admitted_at: int = 0
 
 
 Settle = Callable[[Pending, "ExamResult | BaseException"], None]
@@ -143,10 +143,10 @@ class Session:
         room = self._limits.max_batch_size - len(self._live) - len(self._ready)
         if room > 0:
             self._prepare(base, self._take(room))
-        widths = [_width(item) for item in self._live.values()]
+        widths = [item.row.width for item in self._live.values()]
         admitted: list[_Prepared] = []
         while self._ready:
-            widths.append(_width(self._ready[0]))
+            widths.append(self._ready[0].row.width)
             # A request too large for the limits alone still runs, alone.
             if len(widths) > 1 and not fits(widths, self._limits.max_batch_size, self._max_tokens):
                 break
@@ -214,10 +214,6 @@ def _result(base: ResidentBase, item: _Prepared, decode_ns: int) -> ExamResult |
 
 def _adapter(item: _Prepared) -> str | None:
     return item.row.adapter
-
-
-def _width(item: _Prepared) -> int:
-    return len(item.row.prompt_ids) + item.row.max_new_tokens
 
 
 def check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:
