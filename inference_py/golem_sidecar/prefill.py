@@ -123,30 +123,21 @@ class Prefill:
         """Reads up to ``columns`` more prompt columns (of the shared prefix, then of every
         row's own tokens); returns how many tokens that read."""
         start, rows = self.read, self.reading_rows
-        if start < self.shared:
-            end = min(self.shared, start + max(1, columns))
-            heads = len(self._heads)
-            self.logits = forward(
-                self.lane,
-                self._heads,
-                self.ids[:heads, start:end],
-                self.mask[:heads, :end],
-                self.positions[:heads, start:end],
-                self.cache,
-            )
-            if end == self.shared:
-                # Every row takes its adapter's copy of the prefix's keys and values.
-                self.cache.batch_select_indices(self._head_of)
-        else:
-            end = min(self.width, start + max(1, columns))
-            self.logits = forward(
-                self.lane,
-                [row.adapter for row in self.rows],
-                self.ids[:, start:end],
-                self.mask[:, :end],
-                self.positions[:, start:end],
-                self.cache,
-            )
+        in_prefix = start < self.shared
+        # Within the prefix the first rows stand for their heads: every row's prefix is the same.
+        adapters = self._heads if in_prefix else [row.adapter for row in self.rows]
+        end = min(self.shared if in_prefix else self.width, start + max(1, columns))
+        self.logits = forward(
+            self.lane,
+            adapters,
+            self.ids[:rows, start:end],
+            self.mask[:rows, :end],
+            self.positions[:rows, start:end],
+            self.cache,
+        )
+        if in_prefix and end == self.shared:
+            # Every row takes its adapter's copy of the prefix's keys and values.
+            self.cache.batch_select_indices(self._head_of)
         self.read = end
         return (end - start) * rows
 
