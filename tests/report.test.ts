@@ -1,3 +1,7 @@
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import type { Browser, Page } from 'playwright-core';
 import {
   collectDisagreements,
   disagreement,
@@ -6,6 +10,7 @@ import {
   type GradeReport,
 } from '../src/cli/report';
 import { FinishReason, type ExamSummary, type ItemResult } from '../src/gen/golem/exam/v1/exam';
+import { boxOf, openInChromium, summaryCells } from './support/chromium';
 
 const HOSTILE_ANSWER = '<script>alert(1)</script></table><b>bold</b>';
 const HOSTILE_ID = 'q"7\'><img src=x onerror=alert(2)>';
@@ -169,4 +174,67 @@ describe('collectDisagreements', () => {
     const results = [result('q1', 'genres', 'b', 1, -1)];
     expect(collectDisagreements(results, summary)).toEqual({ disagreements: [], disagreementsOmitted: 0 });
   });
+});
+
+describe('the report in Chromium', () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'golem-report-'));
+  const htmlPath = path.join(dir, 'report.html');
+  let browser: Browser | undefined;
+  let page: Page;
+  let requests: string[];
+
+  beforeAll(async () => {
+    writeFileSync(htmlPath, renderReport(report()));
+    ({ browser, page, requests } = await openInChromium(htmlPath));
+  }, 60_000);
+
+  afterAll(async () => {
+    await browser?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('shows the summary table in view, with each mean as formatted from the summary', async () => {
+    const screenshot = path.join(dir, 'report.png');
+    await page.screenshot({ path: screenshot, fullPage: true });
+    expect(statSync(screenshot).size).toBeGreaterThan(1000);
+    expect(readFileSync(screenshot).subarray(1, 4).toString()).toBe('PNG');
+
+    const table = page.locator('#summary');
+    expect(await table.isVisible()).toBe(true);
+    // The page's viewport is fixed (openInChromium), so viewportSize() is never null here.
+    const box = await boxOf(table);
+    const viewport = page.viewportSize() ?? { width: 0, height: 0 };
+    expect(box.x).toBeGreaterThanOrEqual(0);
+    expect(box.y).toBeGreaterThanOrEqual(0);
+    expect(box.x + box.width).toBeLessThanOrEqual(viewport.width);
+    expect(box.y + box.height).toBeLessThanOrEqual(viewport.height);
+
+    const expected = summary.models.flatMap((m) =>
+      m.scores.map((s) => ({ model: m.model, scorer: s.scorer, text: s.mean.toFixed(3), n: `n=${s.n}` })),
+    );
+    expect(await summaryCells(page)).toEqual(expected);
+    expect(requests).toEqual([]);
+  }, 60_000);
+
+  it('draws one chart per scorer, negative scores downwards from the zero line', async () => {
+    for (const scorer of ['exact_match', 'mean_logprob']) {
+      expect(await page.locator(`svg.chart[data-scorer="${scorer}"]`).isVisible()).toBe(true);
+    }
+    const bars = async (scorer: string) =>
+      Promise.all((await page.locator(`svg.chart[data-scorer="${scorer}"] rect`).all()).map(boxOf));
+    const [baseHit, adapterHit] = await bars('exact_match');
+    // Positive: a shared bottom edge (the zero line), the adapter's 0.84 taller than the base's 0.44.
+    expect(baseHit.y + baseHit.height).toBeCloseTo(adapterHit.y + adapterHit.height, 0);
+    expect(adapterHit.height).toBeGreaterThan(baseHit.height);
+    const [baseLogprob, adapterLogprob] = await bars('mean_logprob');
+    // Negative: a shared top edge, the base's -2.32 reaching further down than the adapter's -0.81.
+    expect(baseLogprob.y).toBeCloseTo(adapterLogprob.y, 0);
+    expect(baseLogprob.height).toBeGreaterThan(adapterLogprob.height);
+  }, 60_000);
+
+  it('shows a hostile answer as its text and runs no script', async () => {
+    expect(await page.locator('#disagreements td.answer').nth(1).innerText()).toBe(HOSTILE_ANSWER);
+    expect(await page.locator('#disagreements td').first().innerText()).toBe(HOSTILE_ID);
+    expect(await page.locator('script, img').count()).toBe(0);
+  }, 60_000);
 });
