@@ -121,25 +121,28 @@ class ExamEngine:
         """Decodes ``batch``, and every request taken from the queue while it runs, on the model
         thread; each request is answered the step its row finishes."""
         loop = asyncio.get_running_loop()
-        handled: list[Pending] = []
+        # The requests this session has taken and not yet answered, to fail them all if it
+        # fails. Only the model thread touches it while the session runs; answered ones leave
+        # at once, so a session that runs for hours under steady load does not grow with it.
+        unanswered: dict[Pending, None] = dict.fromkeys(batch)
 
         def settle(pending: Pending, outcome: ExamResult | BaseException) -> None:
+            unanswered.pop(pending, None)
             loop.call_soon_threadsafe(_settle, pending, outcome)
 
         def take_when_free(count: int) -> list[Pending]:
             # Other work waiting for the model thread (another base's session, an adapter load)
             # goes first: the session stops taking newcomers, finishes its rows and ends.
             taken = [] if self._jobs_waiting else take(count)
-            handled.extend(taken)
+            unanswered.update(dict.fromkeys(taken))
             return taken
 
-        handled.extend(batch)
         session = Session(self._models, self._limits, self._max_tokens, take_when_free, settle)
         try:
             await self._on_worker(session.run, batch)
         except Exception as exc:
             # Answers settled before the failure were queued on the loop before this resumed.
-            for pending in handled:
+            for pending in unanswered:
                 _settle(pending, exc)
             raise
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -44,6 +45,8 @@ from golem_sidecar.session import ExamResult
 from golem_sidecar.summary import Tally
 
 T = TypeVar("T")
+# Windows graded at once: two keep the batch full across a window's end.
+WINDOWS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,9 @@ async def grade_exam(
     base = BASE_LABEL if labels[0] == BASE_LABEL else None
     tally = Tally(labels, scorers, base)
     digest = ExamDigest(spec.header.generation)
-    reader = iter_items(spec.exam_path, spec.header)
-    size = _window_items(config, len(labels))
+    windows = _windows(spec, settings, digest, _window_items(config, len(labels)))
     graded = 0
-    while window := await _checked(asyncio.to_thread(_take, reader, size, digest), "exam_path"):
-        jobs = [
-            [_Job(item, m, result_key(settings[m.label], item)) for m in spec.models]
-            for item in window
-        ]
-        results = await _grade_window(engine, spec, jobs, index, cancelled)
+    async for results in _graded(engine, spec, windows, index, cancelled):
         for per_item in results:
             tally.add_item({r.model: r.scores for r in per_item})
             for result in per_item:
@@ -181,11 +178,51 @@ def _take(reader: Iterator[ExamItem], size: int, digest: ExamDigest) -> list[Exa
 
 
 def _window_items(config: SidecarConfig, models: int) -> int:
-    """Items per window: every model's row of each fills one batch, and the window takes at
-    most half the base's bounded queue, leaving the rest to other callers."""
+    """Items per window: every model's row of each fills one batch, and the windows in flight
+    take at most half the base's bounded queue, leaving the rest to other callers."""
     limits = config.limits
-    rows = max(models, min(limits.max_batch_size, limits.max_queue // 2))
+    share = limits.max_queue // (2 * WINDOWS_IN_FLIGHT)
+    rows = max(models, min(limits.max_batch_size, share))
     return max(1, rows // models)
+
+
+async def _windows(
+    spec: GradeSpec, settings: dict[str, bytes], digest: ExamDigest, size: int
+) -> AsyncIterator[list[list[_Job]]]:
+    """The exam's jobs a window at a time, read off the event loop."""
+    reader = iter_items(spec.exam_path, spec.header)
+    while window := await _checked(asyncio.to_thread(_take, reader, size, digest), "exam_path"):
+        yield [
+            [_Job(item, m, result_key(settings[m.label], item)) for m in spec.models]
+            for item in window
+        ]
+
+
+async def _graded(
+    engine: ExamEngine,
+    spec: GradeSpec,
+    windows: AsyncIterator[list[list[_Job]]],
+    index: ResumeIndex,
+    cancelled: threading.Event,
+) -> AsyncIterator[list[list[exam_pb2.ItemResult]]]:
+    """Each window's results, in order. The next window's rows are queued while this one's
+    decode: they join the running batch as its rows finish (continuous batching) instead of
+    waiting for its last, longest answer, and its teacher-forced scoring runs between steps."""
+    running: deque[asyncio.Task[list[list[exam_pb2.ItemResult]]]] = deque()
+    try:
+        async for jobs in windows:
+            running.append(
+                asyncio.ensure_future(_grade_window(engine, spec, jobs, index, cancelled))
+            )
+            if len(running) == WINDOWS_IN_FLIGHT:
+                yield await running.popleft()
+        while running:
+            yield await running.popleft()
+    finally:
+        # Cancelled, failed or done: a window still running for nobody stops.
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def _grade_window(
