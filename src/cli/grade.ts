@@ -5,7 +5,7 @@
  * arrives and resumes from them; `--report` writes an HTML page of the summary. Like `exam`, it
  * starts a daemon in this process for the call when none listens.
  */
-import { accessSync, constants as fsConstants, existsSync } from 'node:fs';
+import { accessSync, constants as fsConstants, existsSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { type Client, type ServiceError, status as GrpcStatus, type StatusObject } from '@grpc/grpc-js';
 import { ConfigError, loadConfig, type GolemConfig } from '../config';
@@ -15,12 +15,14 @@ import {
   type GradeExamRequest,
   type GradeExamResponse,
 } from '../gen/golem/exam/v1/exam';
+import { DisagreementCollector } from './disagreements';
 import { callMetadata, channelCredentialsFor, connectOrStart, daemonAddress } from './daemon';
 import { ExitCode } from './exit-codes';
 import { summaryTable } from './grade-summary';
 import { cancelOnSignal } from './one-shot';
 import { failure, fromError, printOutcome, type ExamOutcome } from './outcome';
 import { ProgressBar } from './progress';
+import { renderReport, type GradeReport } from './report';
 import { ResultsWriter, truncatePartialLine } from './results-file';
 
 /**
@@ -79,22 +81,48 @@ async function grade(options: GradeOptions, progress: ProgressBar): Promise<Exam
     results.writer?.close();
     return connection;
   }
+  const disagreements = new DisagreementCollector();
   let summary: ExamSummary | ExamOutcome;
   try {
     const deadline = Date.now() + options.timeoutS * 1000;
-    summary = await gradeCall(connection.client, gradeRequest(options), token, deadline, (message) => {
-      if (message.plan) progress.start(message.plan);
-      if (!message.item) return;
-      if (!message.item.resumed) results.writer?.append(message.item);
-      progress.advance(message.item.resumed);
-    });
+    const record = recorder(progress, results.writer, disagreements);
+    summary = await gradeCall(connection.client, gradeRequest(options), token, deadline, record);
   } finally {
     progress.clear();
     results.writer?.close();
     await connection.close();
   }
   if ('exitCode' in summary) return summary;
+  return graded(options, summary, disagreements);
+}
+
+/** What each message of the stream feeds: the progress bar, the results file, the report. */
+function recorder(
+  progress: ProgressBar,
+  writer: ResultsWriter | undefined,
+  disagreements: DisagreementCollector,
+): (message: GradeExamResponse) => void {
+  return ({ plan, item }) => {
+    if (plan) {
+      progress.start(plan);
+      disagreements.start(plan);
+    }
+    if (!item) return;
+    // A resumed result is already in the file it came from.
+    if (!item.resumed) writer?.append(item);
+    disagreements.add(item);
+    progress.advance(item.resumed);
+  };
+}
+
+/** The summary on stderr, the report when asked for, and the success line. */
+function graded(options: GradeOptions, summary: ExamSummary, disagreements: DisagreementCollector): ExamOutcome {
   process.stderr.write(summaryTable(summary));
+  if (options.report !== undefined) {
+    const examPath = path.resolve(options.exam);
+    const failed = writeReport(options.report, { examPath, summary, ...disagreements.result() });
+    if (failed) return failed;
+  }
   const json = ExamSummary.toJSON(summary) as { models?: unknown[]; deltas?: unknown[] };
   return {
     status: 'success',
@@ -132,6 +160,17 @@ function checkReportFolder(report: string | undefined): ExamOutcome | undefined 
   } catch (err) {
     const message = `cannot write the report ${report} (--report): ${(err as Error).message}`;
     return failure(ExitCode.INVALID_INPUT, message, 'INVALID_ARGUMENT', 'INVALID_COMMAND_LINE');
+  }
+}
+
+function writeReport(file: string, report: GradeReport): ExamOutcome | undefined {
+  try {
+    writeFileSync(file, renderReport(report));
+    process.stderr.write(`golem: report written to ${file}\n`);
+    return undefined;
+  } catch (err) {
+    const message = `graded, but cannot write the report ${file} (--report): ${(err as Error).message}`;
+    return failure(ExitCode.FAILURE, message, 'INTERNAL', 'REPORT_NOT_WRITTEN');
   }
 }
 
