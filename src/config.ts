@@ -91,6 +91,8 @@ export const configSchema = z.strictObject({
       tlsKeyFile: z.string().default(''),
       adapterRoots: roots,
       modelRoots: roots,
+      // GradeExam's exam, header and resume files.
+      examRoots: roots,
       // Off: the sidecar runs with HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE set, local files only.
       allowHubDownloads: z.boolean().default(false),
     })

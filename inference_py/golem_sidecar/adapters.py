@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -232,3 +233,15 @@ def missing_targets(folder: AdapterFolder, module_names: Iterable[str]) -> list[
         return missing
     keys = folder.weight_keys
     return [t for t in missing if keys is None or any(f".{t}." in k for k in keys)]
+
+
+def content_hash(folder: AdapterFolder) -> str:
+    """A sha256 hex digest of the adapter's config and weights: the same for every copy and
+    spelling of one adapter, different as soon as a byte of either file changes (a path or a
+    modification time would say neither). Results of GradeExam are keyed by it."""
+    digest = hashlib.sha256(b"golem-adapter-v1\n")
+    for path in (folder.resolved / CONFIG_FILE, Path(folder.identity[0])):
+        with path.open("rb") as f:
+            # hashlib.file_digest reads in chunks: an adapter of any size costs little memory.
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()

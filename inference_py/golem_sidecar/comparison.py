@@ -72,8 +72,8 @@ def resolve_compare(
         raise invalid_argument(
             "adapters", f"give 1 to {MAX_ADAPTERS} adapters, got {len(request.adapters)}"
         )
-    models = tuple(_compared(label, config) for label in request.adapters)
-    _refuse_duplicates(models)
+    models = tuple(compared_model(label, config) for label in request.adapters)
+    refuse_duplicates(models)
     defaults = config.defaults
     model_name = request.model_name if request.HasField("model_name") else defaults.model_name
     return CompareSpec(
@@ -85,7 +85,8 @@ def resolve_compare(
     )
 
 
-def _compared(label: str, config: SidecarConfig) -> ComparedModel:
+def compared_model(label: str, config: SidecarConfig) -> ComparedModel:
+    """An adapter named by a caller (CompareAdapters, GradeExam): a registered name or a folder."""
     path_field("adapters", label)
     # A bare word that is no folder here is a registered adapter's name.
     if ADAPTER_NAME.match(label) and kind(as_path(label)) is None:
@@ -93,7 +94,7 @@ def _compared(label: str, config: SidecarConfig) -> ComparedModel:
     return ComparedModel(label, resolve_adapter("adapters", label, config.security), None)
 
 
-def _refuse_duplicates(models: tuple[ComparedModel, ...]) -> None:
+def refuse_duplicates(models: tuple[ComparedModel, ...]) -> None:
     seen: dict[object, str] = {}
     for compared in models:
         key = compared.registered or (compared.folder.identity if compared.folder else None)

@@ -91,6 +91,8 @@ class Security:
     adapter_roots: tuple[Path, ...] = ()
     # The same for local model paths; hub ids are not paths and are unaffected.
     model_roots: tuple[Path, ...] = ()
+    # The same for GradeExam's exam, header and resume files.
+    exam_roots: tuple[Path, ...] = ()
     # Off: HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE are set before the libraries are imported, so
     # only files already on disk (or in the hub cache) are ever loaded.
     allow_hub_downloads: bool = False
@@ -248,6 +250,7 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         allow_pickle=_get(sec, "allowPickle", "security", bool, False),
         adapter_roots=_roots(sec, "adapterRoots"),
         model_roots=_roots(sec, "modelRoots"),
+        exam_roots=_roots(sec, "examRoots"),
         allow_hub_downloads=_get(sec, "allowHubDownloads", "security", bool, False),
     )
     side = _section(raw, "sidecar")
@@ -293,15 +296,16 @@ def is_loopback(listen: str) -> bool:
 
 def confined_beyond_loopback(config: SidecarConfig) -> SidecarConfig:
     """A sidecar reachable from other machines with no roots set would let any caller make it
-    read any folder, so there both roots default to ./models."""
+    read any folder, so there adapters and models default to ./models and exams to
+    ./data/exams."""
     sec = config.security
-    if is_loopback(config.listen) or sec.adapter_roots or sec.model_roots:
+    if is_loopback(config.listen) or sec.adapter_roots or sec.model_roots or sec.exam_roots:
         return config
-    models = Path("models").resolve()
+    models, exams = Path("models").resolve(), Path("data/exams").resolve()
     log.warning(
-        "listening beyond loopback with no security.adapterRoots or security.modelRoots: "
-        "confining both",
-        extra={"listen": config.listen, "root": str(models)},
+        "listening beyond loopback with no security.adapterRoots, modelRoots or examRoots: "
+        "confining all three",
+        extra={"listen": config.listen, "root": str(models), "exam_root": str(exams)},
     )
-    security = replace(sec, adapter_roots=(models,), model_roots=(models,))
+    security = replace(sec, adapter_roots=(models,), model_roots=(models,), exam_roots=(exams,))
     return replace(config, security=security)

@@ -17,13 +17,20 @@ from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.batching import BatchLimits, BatchQueue, Pending, Take
 from golem_sidecar.comparison import ComparedAnswer, CompareSpec, run_comparison
 from golem_sidecar.config import Security, SidecarConfig
-from golem_sidecar.errors import GolemError
+from golem_sidecar.decoding import pad_id
+from golem_sidecar.errors import GolemError, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
-from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels
+from golem_sidecar.grade_spec import GradedModel
+from golem_sidecar.loglikelihood import pair_item
+from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
 from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
+from golem_sidecar.scoring import Loglikelihood, loglikelihoods
 from golem_sidecar.session import ExamResult, Session, check_context
+
+# A (context, continuation) pair to score under one model of a GradeExam.
+Pair = tuple[str, str, GradedModel]
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +214,80 @@ class ExamEngine:
             cancelled.set()
             raise
         return result
+
+    async def base_info(self, model: ModelRef, placement: Placement) -> tuple[str, str]:
+        """The device and weight dtype of a base, loading it if it is not resident."""
+
+        def info() -> tuple[str, str]:
+            base, _ = self._models.base(model, placement)
+            return str(base.input_device), base.weight_dtype
+
+        result: tuple[str, str] = await self._on_worker(info)
+        self._prune_queues()
+        return result
+
+    async def registered_folder(
+        self, model: ModelRef, placement: Placement, name: str
+    ) -> AdapterFolder:
+        """The folder of an adapter registered under ``name`` (LoadAdapter); NOT_FOUND naming
+        "adapters" when it is not, or its base is not resident. Loads nothing."""
+
+        def lookup() -> AdapterFolder:
+            base = self._models.find(BaseKey(model.key, placement))
+            if base is None:
+                raise self._models.not_loaded(name, model.name, "adapters")
+            return base.adapters[self._models.named(base, name, "adapters")]
+
+        folder: AdapterFolder = await self._on_worker(lookup)
+        return folder
+
+    async def loglikelihoods(
+        self,
+        model: ModelRef,
+        placement: Placement,
+        pairs: list[Pair],
+        cancelled: threading.Event,
+    ) -> list[Loglikelihood]:
+        """Each pair's continuation scored after its context under its model, by
+        lm-evaluation-harness's definition (loglikelihood.py), in batched passes on the model
+        thread, whatever mix of base and adapters the pairs hold."""
+
+        def scoring() -> list[Loglikelihood]:
+            base, _ = self._models.base(model, placement)
+            pinned: set[str] = set()
+            items = []
+            for context, continuation, graded in pairs:
+                adapter = self._peft_adapter(base, graded, pinned)
+                try:
+                    item = pair_item(base.tokenizer, context, continuation, adapter)
+                except ValueError as error:
+                    raise invalid_argument("answer", str(error)) from None
+                check_context(base, item.width, 0)
+                items.append(item)
+            limits = (self._limits.max_batch_size, self._max_tokens)
+            return loglikelihoods(
+                base.lane, items, pad_id(base.tokenizer), base.input_device, limits, cancelled
+            )
+
+        try:
+            result: list[Loglikelihood] = await self._on_worker(scoring)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return result
+
+    def _peft_adapter(
+        self, base: ResidentBase, graded: GradedModel, pinned: set[str]
+    ) -> str | None:
+        """The peft name a graded model wears on ``base``, attaching its folder if needed;
+        None for the bare base."""
+        if graded.registered is not None:
+            return peft_name(self._models.named(base, graded.registered, "adapters"))
+        if graded.folder is None:
+            return None
+        name, _ = self._models.adapter(base, graded.folder, pinned=pinned)
+        pinned.add(name)
+        return peft_name(name)
 
     async def preload(self) -> None:
         """Loads the default base, and the default adapter when its folder exists, so the first

@@ -60,7 +60,8 @@ def max_new_tokens(request: Any, config: SidecarConfig) -> int:
     return value
 
 
-def _quantization(request: exam_pb2.TakeExamRequest) -> QuantizationRequest:
+def quantization_request(request: Any) -> QuantizationRequest:
+    """The request's quantization fields (TakeExam, GradeExam), None where left out."""
     if not request.HasField("quantization"):
         return QuantizationRequest()
     q = request.quantization
@@ -87,7 +88,7 @@ def resolve_exam(
     prompt = text_field("prompt", _given(request, "prompt", defaults.prompt), 2**31)
     placement = resolve_placement(
         text_field("device", _given(request, "device", defaults.device), 64),
-        _quantization(request),
+        quantization_request(request),
         defaults.quantization,
     )
     adapter, adapter_name = None, None

@@ -461,19 +461,37 @@ def _kind(value: Any) -> str:
 
 
 def content_hash(exam: Exam) -> str:
-    """A sha256 hex digest of what decides the answers: each item's id, rendered prompt,
-    accepted answers and choices, in file order, and the generation settings. Formatting,
-    line numbers, key order, answer vs answers, the name, the version and the scorers (which
-    score answers but do not change them) leave it unchanged."""
-    digest = hashlib.sha256(HASH_FORMAT.encode())
-    generation = {"max_new_tokens": exam.generation.max_new_tokens, "stop": exam.generation.stop}
-    digest.update(_canonical(generation))
+    """A sha256 hex digest of what decides the answers (ExamDigest), for a whole exam."""
+    digest = ExamDigest(exam.generation)
     for item in exam.items:
-        digest.update(_canonical([item.id, item.prompt, item.answers, item.choices]))
+        digest.add(item)
     return digest.hexdigest()
 
 
-def _canonical(value: Any) -> bytes:
+class ExamDigest:
+    """A sha256 of what decides the answers: each item's id, rendered prompt, accepted answers
+    and choices, in file order, and the generation settings. Formatting, line numbers, key order,
+    answer vs answers, the name, the version and the scorers (which score answers but do not
+    change them) leave it unchanged. Fed item by item, so a streamed exam is hashed too."""
+
+    def __init__(self, generation: Generation) -> None:
+        self._digest = hashlib.sha256(HASH_FORMAT.encode())
+        settings = {"max_new_tokens": generation.max_new_tokens, "stop": generation.stop}
+        self._digest.update(canonical(settings))
+
+    def add(self, item: ExamItem) -> None:
+        self._digest.update(canonical(item_fields(item)))
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def item_fields(item: ExamItem) -> list[Any]:
+    """What of an item decides its answers and scores."""
+    return [item.id, item.prompt, item.answers, item.choices]
+
+
+def canonical(value: Any) -> bytes:
     # One JSON text per record, newline-ended: JSON escapes newlines, so records cannot run into
     # each other.
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

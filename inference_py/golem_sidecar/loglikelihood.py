@@ -3,33 +3,27 @@ that exam numbers mean what the harness's numbers mean.
 
 Read in EleutherAI/lm-evaluation-harness: ``TemplateLM._encode_pair`` and
 ``TemplateLM.loglikelihood`` (lm_eval/api/model.py), ``HFLM.tok_encode`` and
-``HFLM._loglikelihood_tokens`` (lm_eval/models/huggingface.py). The model is a plain callable,
-so the engine can plug in its own lane (adapter, placement, batching) without this module knowing
-about it. Unlike the harness, nothing is truncated to the model's window: exam prompts are bounded
-where they arrive.
+``HFLM._loglikelihood_tokens`` (lm_eval/models/huggingface.py). The pairs become ScoreItems,
+which scoring.py scores in batched, teacher-forced passes: the harness's sum and greedy flag.
+Unlike the harness, nothing is truncated to the model's window: the engine checks each pair
+against the model's context first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
-import torch
 from transformers import PreTrainedTokenizerBase
 
-# Token ids of one sequence in, logits out: one row per id, shape (len(ids), vocab).
-ModelCall = Callable[[list[int]], torch.Tensor]
+from golem_sidecar.scoring import ScoreItem
+
+# What the harness puts between a context and an answer it scores (a task's target_delimiter,
+# " " by default): "Response:" and "Fantasy" are scored as "Response:" + " Fantasy".
+TARGET_DELIMITER = " "
 
 
-class Loglikelihood(NamedTuple):
-    """The harness's answer for one (context, continuation) pair, plus the token count that a
-    mean needs."""
-
-    # Sum of the continuation tokens' log-probabilities, each teacher forced.
-    sum_logprob: float
-    # Whether greedy decoding would have produced exactly these continuation tokens.
-    is_greedy: bool
-    n_tokens: int
+def continuation_for(answer: str) -> str:
+    """An exam answer as the continuation scored after its prompt: the target delimiter
+    first, unless the answer starts with whitespace of its own."""
+    return answer if answer[:1].isspace() else TARGET_DELIMITER + answer
 
 
 def continuation_ids(
@@ -53,23 +47,17 @@ def continuation_ids(
     return context_ids, whole[len(context_ids) :]
 
 
-def loglikelihood(
-    model_call: ModelCall, tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
-) -> Loglikelihood:
-    """Log-likelihood of ``continuation`` after ``context`` under the model behind ``model_call``,
-    teacher forced, with whether it is the greedy continuation."""
+def pair_item(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, adapter: str | None
+) -> ScoreItem:
+    """The (context, continuation) pair as an item that scoring.loglikelihoods scores under
+    ``adapter`` (a peft name, None for the bare base): the harness feeds context plus
+    continuation, and the continuation's tokens are the ones scored."""
     context_ids, cont_ids = continuation_ids(tokenizer, context, continuation)
     if not cont_ids:
-        # logits[-0:] would silently take every row; a mean over no tokens is undefined anyway.
+        # A mean over no tokens is undefined, and the harness would score nothing.
         raise ValueError(f"continuation {continuation!r} tokenises to no tokens after the context")
-    # The harness feeds context + continuation without its last token: the logits at the last
-    # len(continuation) positions are the predictions of the continuation's tokens.
-    logits = model_call((context_ids + cont_ids)[:-1])[-len(cont_ids) :]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = torch.tensor(cont_ids, device=logprobs.device)
-    picked = logprobs.gather(1, targets[:, None]).squeeze(1)
-    is_greedy = bool((logprobs.argmax(dim=-1) == targets).all())
-    return Loglikelihood(float(picked.sum()), is_greedy, len(cont_ids))
+    return ScoreItem(context_ids, cont_ids, adapter)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Literal
 from rouge_score import rouge_scorer
 
 from golem_sidecar.errors import invalid_argument
-from golem_sidecar.loglikelihood import Loglikelihood
+from golem_sidecar.scoring import Loglikelihood
 
 Kind = Literal["text", "loglikelihood"]
 
@@ -59,6 +59,8 @@ class Scorer:
     score: Callable[[Target, Observed], float]
     # The continuations whose log-likelihood ``score`` reads; none for a text scorer.
     continuations: Callable[[Target], tuple[str, ...]] = lambda target: ()
+    # Whether the scorer can score an item at all; one that cannot leaves it out of its mean.
+    applies: Callable[[Target], bool] = lambda target: True
 
 
 def normalize(text: str) -> str:
@@ -161,7 +163,13 @@ SCORERS: Mapping[str, Scorer] = {
         Scorer("token_f1", "text", _best(token_f1)),
         Scorer("rouge_l", "text", _best(rouge_l)),
         Scorer("mean_logprob", "loglikelihood", _mean_logprob, lambda target: target.answers),
-        Scorer("choice_accuracy", "loglikelihood", _choice_accuracy, lambda target: target.choices),
+        Scorer(
+            "choice_accuracy",
+            "loglikelihood",
+            _choice_accuracy,
+            lambda target: target.choices,
+            lambda target: bool(target.choices),
+        ),
     )
 }
 

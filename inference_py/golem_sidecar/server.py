@@ -15,15 +15,16 @@ from grpc_reflection.v1alpha import reflection
 from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
 from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
-from golem_sidecar.decoding import FINISH_EOS, FINISH_LENGTH, FINISH_STOP
 from golem_sidecar.engine import ExamEngine
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gate import FileChecks
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+from golem_sidecar.grade_spec import resolve_grade
+from golem_sidecar.grader import grade_exam
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.interceptors import CallInterceptor
+from golem_sidecar.messages import FINISH_REASONS, quantization_info
 from golem_sidecar.models import ResidentBase
-from golem_sidecar.placement import Placement, effective_compute_dtype
 from golem_sidecar.registry import resolve_load, resolve_unload
 from golem_sidecar.session import ExamResult
 from golem_sidecar.shutdown import CallGate
@@ -33,11 +34,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # After the last call has answered, how long the transport gets to deliver those answers.
 _FLUSH_S = 1.0
-_FINISH_REASONS = {
-    FINISH_LENGTH: exam_pb2.FINISH_REASON_LENGTH,
-    FINISH_EOS: exam_pb2.FINISH_REASON_EOS,
-    FINISH_STOP: exam_pb2.FINISH_REASON_STOP,
-}
 _GRADE_RULES = {
     EXACT_MATCH: exam_pb2.GRADE_RULE_EXACT_MATCH,
     CONTAINS: exam_pb2.GRADE_RULE_CONTAINS,
@@ -115,6 +111,24 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         table = await self._engine.compare(spec, threading.Event())
         return _comparison_response(spec.prompts, table)
 
+    async def GradeExam(
+        self, request: exam_pb2.GradeExamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[exam_pb2.GradeExamResponse]:
+        spec = await self._resolve(resolve_grade, request)
+        log.info(
+            "exam grading",
+            extra={"exam": str(spec.exam_path), "models": [m.label for m in spec.models]},
+        )
+        cancelled = threading.Event()
+        try:
+            async for response in grade_exam(
+                self._engine, self._files, self._config, spec, cancelled
+            ):
+                yield response
+        finally:
+            # The caller went away (or the call failed): rows still decoding leave their batch.
+            cancelled.set()
+
     async def _answer(
         self, request: exam_pb2.TakeExamRequest, on_text: Callable[[str], None] | None
     ) -> ExamResult:
@@ -173,20 +187,6 @@ def _resident_model(base: ResidentBase, footprint: int) -> exam_pb2.ResidentMode
     )
 
 
-def quantization_info(placement: Placement) -> exam_pb2.Quantization:
-    """The quantization a base was really loaded with: load_in_4bit always; with 4 bit every
-    setting, and the dtype its 4-bit layers really compute in."""
-    if not placement.load_in_4bit:
-        return exam_pb2.Quantization(load_in_4bit=False)
-    return exam_pb2.Quantization(
-        load_in_4bit=True,
-        bnb_4bit_compute_dtype=placement.compute_dtype,
-        bnb_4bit_quant_type=placement.quant_type,
-        bnb_4bit_use_double_quant=placement.double_quant,
-        effective_compute_dtype=effective_compute_dtype(placement),
-    )
-
-
 def _comparison_response(
     prompts: tuple[str, ...], table: list[list[ComparedAnswer]]
 ) -> exam_pb2.CompareAdaptersResponse:
@@ -198,7 +198,7 @@ def _comparison_response(
                 model=answer.model,
                 answer=answer.row.answer,
                 answer_tokens=len(answer.row.generated),
-                finish_reason=_FINISH_REASONS[answer.row.finish_reason],
+                finish_reason=FINISH_REASONS[answer.row.finish_reason],
                 mean_logprob=answer.mean_logprob,
             )
     return response
@@ -217,7 +217,7 @@ def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
         ),
         prompt_tokens=gen.prompt_tokens,
         answer_tokens=gen.answer_tokens,
-        finish_reason=_FINISH_REASONS[gen.finish_reason],
+        finish_reason=FINISH_REASONS[gen.finish_reason],
         batch_size=result.batch_size,
         timings=exam_pb2.Timings(
             load_ns=result.load_ns, queue_ns=result.queue_ns, generate_ns=gen.generate_ns

@@ -43,13 +43,16 @@ def test_loopback_addresses(listen: str, loopback: bool) -> None:
     assert is_loopback(listen) is loopback
 
 
-def test_roots_default_to_models_beyond_loopback(caplog: pytest.LogCaptureFixture) -> None:
+def test_roots_default_to_models_and_exams_beyond_loopback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.WARNING):
         config = confined_beyond_loopback(SidecarConfig(listen="0.0.0.0:50052"))
     models = Path("models").resolve()
     assert config.security.adapter_roots == (models,)
     assert config.security.model_roots == (models,)
-    assert "confining both" in caplog.text
+    assert config.security.exam_roots == (Path("data/exams").resolve(),)
+    assert "confining all three" in caplog.text
 
 
 def test_roots_stay_as_set_on_loopback_or_when_given() -> None:

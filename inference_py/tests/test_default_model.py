@@ -63,3 +63,25 @@ async def test_adapter_answers_the_taught_genre_and_the_base_does_not(
     assert base.answer.strip() != adapted.answer.strip()
     assert adapted.model.dtype == "float32"
     assert adapted.adapter.peft_type == "LORA"
+
+
+async def test_the_adapter_scores_higher_than_the_base_on_the_demo_exam(
+    default_stub: exam_pb2_grpc.ExamServiceStub,
+) -> None:
+    """The demo exam's books are held out of the adapter's training data (test_exams.py checks
+    it): what the adapter learned carries over to books it never saw."""
+    request = exam_pb2.GradeExamRequest(
+        exam_path=str(REPO / "data" / "exams" / "genres.jsonl"),
+        include_base=True,
+        adapters=[str(ADAPTER)],
+    )
+    responses = [r async for r in default_stub.GradeExam(request, timeout=300)]
+    summary = responses[-1].summary
+    means = {m.model: {s.scorer: s.mean for s in m.scores} for m in summary.models}
+    base, adapter = means["__base__"], means[str(ADAPTER)]
+    assert summary.items == 25 and summary.graded == 50
+    assert adapter["exact_match"] > base["exact_match"]
+    assert adapter["mean_logprob"] > base["mean_logprob"]
+    (delta,) = summary.deltas
+    exact = next(d for d in delta.deltas if d.scorer == "exact_match")
+    assert exact.delta > 0 and exact.better > exact.worse

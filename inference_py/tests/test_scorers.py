@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -12,7 +13,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from golem_sidecar.errors import GolemError
-from golem_sidecar.loglikelihood import Loglikelihood, continuation_ids, loglikelihood
+from golem_sidecar.lanes import Lane
+from golem_sidecar.loglikelihood import continuation_ids, pair_item
 from golem_sidecar.scorers import (
     MAX_PATTERN_CHARS,
     SCORERS,
@@ -22,6 +24,7 @@ from golem_sidecar.scorers import (
     known_scorers,
     normalize,
 )
+from golem_sidecar.scoring import Loglikelihood, loglikelihoods
 
 
 def text_score(name: str, output: str, *answers: str) -> float:
@@ -198,8 +201,20 @@ def test_empty_context_scores_after_the_prefix_token(
     assert cont_ids == encode(tokenizer, "Horror")
 
 
+def loglikelihood(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
+) -> Loglikelihood:
+    """The pair scored as the engine scores it (scoring.loglikelihoods), alone in its pass, on
+    the model as it stands (the adapter active)."""
+    item = pair_item(tokenizer, context, continuation, None)
+    lane = Lane(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    found = loglikelihoods(lambda _: lane, [item], pad, "cpu", (8, 4096), threading.Event())
+    return found[0]
+
+
 def logits_of(model: PeftModel) -> Callable[[list[int]], torch.Tensor]:
-    """The plain model as loglikelihood's ``model_call``: token ids in, logits per position out."""
+    """The plain model: token ids in, logits per position out."""
 
     def model_call(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
@@ -221,9 +236,7 @@ def test_loglikelihood_equals_plain_peft_loss(
     adapted: tuple[PeftModel, PreTrainedTokenizerBase], context: str, continuation: str
 ) -> None:
     model, tokenizer = adapted
-    model_call = logits_of(model)
-
-    got = loglikelihood(model_call, tokenizer, context, continuation)
+    got = loglikelihood(model, tokenizer, context, continuation)
 
     # Independently: one forward over the whole sequence, transformers' own shifted cross-entropy
     # over the continuation positions (context positions masked with -100), and argmax per position.
@@ -247,10 +260,8 @@ def test_a_trailing_space_scores_as_a_leading_one(
     adapted: tuple[PeftModel, PreTrainedTokenizerBase],
 ) -> None:
     model, tokenizer = adapted
-    model_call = logits_of(model)
-
-    moved = loglikelihood(model_call, tokenizer, CONTEXT + " ", "Science fiction")
-    leading = loglikelihood(model_call, tokenizer, CONTEXT, " Science fiction")
+    moved = loglikelihood(model, tokenizer, CONTEXT + " ", "Science fiction")
+    leading = loglikelihood(model, tokenizer, CONTEXT, " Science fiction")
     assert moved == leading
 
 
@@ -273,8 +284,8 @@ def test_greedy_continuation_is_reported_greedy(
     else:
         pytest.fail("no context's greedy next token re-tokenises to itself")
     runner_up = next(token for token in ranked[1:] if round_trips(context, token))
-    greedy = loglikelihood(model_call, tokenizer, context, tokenizer.decode([ranked[0]]))
-    other = loglikelihood(model_call, tokenizer, context, tokenizer.decode([runner_up]))
+    greedy = loglikelihood(model, tokenizer, context, tokenizer.decode([ranked[0]]))
+    other = loglikelihood(model, tokenizer, context, tokenizer.decode([runner_up]))
     assert greedy.is_greedy
     assert not other.is_greedy
     assert greedy.sum_logprob > other.sum_logprob

@@ -1,7 +1,7 @@
 /**
- * Where the sidecar may load models and adapters from. A gateway reachable beyond this machine
- * with no roots configured would let any caller make the sidecar read any folder, so then both
- * roots default to ./models.
+ * Where the sidecar may load models, adapters and exams from. A gateway reachable beyond this
+ * machine with no roots configured would let any caller make the sidecar read any file, so then
+ * models and adapters are confined to ./models and exams to ./data/exams.
  */
 import path from 'node:path';
 import type { GolemConfig } from '../config';
@@ -19,23 +19,31 @@ export function isLoopback(listen: string): boolean {
 
 /**
  * The config the sidecar gets: roots made absolute (the two processes share a working directory,
- * but logs should show what is meant), and confined to ./models when listening beyond loopback
- * with no roots set.
+ * but logs should show what is meant), and confined when listening beyond loopback with no roots
+ * set.
  */
 export function sidecarConfig(config: GolemConfig, listen: string, logger: Logger): GolemConfig {
-  let { adapterRoots, modelRoots } = config.security;
-  if (!isLoopback(listen) && adapterRoots.length === 0 && modelRoots.length === 0) {
+  let { adapterRoots, modelRoots, examRoots } = config.security;
+  const none = adapterRoots.length === 0 && modelRoots.length === 0 && examRoots.length === 0;
+  if (!isLoopback(listen) && none) {
     const models = path.resolve('models');
+    const exams = path.resolve('data/exams');
     adapterRoots = [models];
     modelRoots = [models];
-    logger.warn('listening beyond loopback with no security.adapterRoots or security.modelRoots: confining both', {
-      listen,
-      root: models,
-    });
+    examRoots = [exams];
+    logger.warn(
+      'listening beyond loopback with no security.adapterRoots, modelRoots or examRoots: confining all three',
+      { listen, root: models, examRoot: exams },
+    );
   }
   const absolute = (roots: string[]): string[] => roots.map((root) => path.resolve(root));
   return {
     ...config,
-    security: { ...config.security, adapterRoots: absolute(adapterRoots), modelRoots: absolute(modelRoots) },
+    security: {
+      ...config.security,
+      adapterRoots: absolute(adapterRoots),
+      modelRoots: absolute(modelRoots),
+      examRoots: absolute(examRoots),
+    },
   };
 }

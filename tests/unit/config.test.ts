@@ -53,6 +53,7 @@ describe('loadConfig', () => {
       tlsKeyFile: '',
       adapterRoots: [],
       modelRoots: [],
+      examRoots: [],
       allowHubDownloads: false,
     });
     expect(config.defaults.quantization).toBe('auto');
@@ -78,6 +79,7 @@ describe('loadConfig', () => {
         'tlsKeyFile',
         'adapterRoots',
         'modelRoots',
+        'examRoots',
         'allowHubDownloads',
       ]) {
         delete raw.security[key];

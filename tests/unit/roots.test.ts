@@ -26,16 +26,18 @@ describe('sidecarConfig', () => {
     expect(sidecarConfig(config, '127.0.0.1:50051', logger).security).toMatchObject({
       adapterRoots: [],
       modelRoots: [],
+      examRoots: [],
     });
     expect(lines()).toEqual([]);
   });
 
-  it('confines both roots to ./models beyond loopback when none is set, and says so', () => {
+  it('confines models and adapters to ./models and exams to ./data/exams beyond loopback when no root is set, and says so', () => {
     const { logger, lines } = captureLogs();
     const models = path.resolve('models');
     expect(sidecarConfig(config, '0.0.0.0:50051', logger).security).toMatchObject({
       adapterRoots: [models],
       modelRoots: [models],
+      examRoots: [path.resolve('data/exams')],
     });
     expect(lines()).toEqual([expect.objectContaining({ level: 'warn', root: models, listen: '0.0.0.0:50051' })]);
   });
@@ -43,7 +45,7 @@ describe('sidecarConfig', () => {
   it('keeps configured roots beyond loopback, made absolute', () => {
     const { logger } = captureLogs();
     const security = sidecarConfig(withRoots(['adapters'], []), '0.0.0.0:50051', logger).security;
-    expect(security).toMatchObject({ adapterRoots: [path.resolve('adapters')], modelRoots: [] });
+    expect(security).toMatchObject({ adapterRoots: [path.resolve('adapters')], modelRoots: [], examRoots: [] });
   });
 
   it('does not change the config it was given', () => {
