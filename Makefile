@@ -29,10 +29,12 @@ DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run test lint lock test-py test-js bench clean
+.PHONY: help setup gen build models run grade test lint lock test-py test-js bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
+	@echo "make grade  set up, then grade data/exams/genres.jsonl with the base and the demo adapter"
+	@echo "            (grade.html, grade-results.jsonl; runs again resume from the results)"
 	@echo "make test   set up, then lint, type-check and run every test"
 	@echo "make bench  set up, then run scripts/bench (docs/benchmarks.md)"
 
@@ -119,6 +121,12 @@ models: $(DEMO_ADAPTER)/adapter_model.safetensors
 
 run: setup models
 	node bin/golem.js serve --config config/golem.json
+
+# The demo exam, base against the demo adapter; golem grade starts a daemon for the call when
+# none listens on 127.0.0.1:50051 (or uses the one make run started).
+grade: setup models
+	node bin/golem.js grade data/exams/genres.jsonl --base --adapter $(DEMO_ADAPTER) \
+		--report grade.html --results grade-results.jsonl
 
 lint: setup
 	$(BUF) lint

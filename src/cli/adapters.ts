@@ -12,7 +12,8 @@ import {
   LoadAdapterResponse,
 } from '../gen/golem/exam/v1/exam';
 import { identity } from '../sidecar/client';
-import { callMetadata, channelCredentialsFor, daemonAddress, failure, fromError, type ExamOutcome } from './exam';
+import { callMetadata, channelCredentialsFor, daemonAddress } from './daemon';
+import { failure, fromError, printOutcome, type ExamOutcome } from './outcome';
 import { ExitCode } from './exit-codes';
 import { parseCompareInput } from './input';
 import { isListening } from './probe';
@@ -77,7 +78,7 @@ export function runCompare(input: string, options: DaemonOptions): Promise<ExitC
   if (!parsed.ok) {
     const what = parsed.violations.map((v) => `${v.field}: ${v.description}`).join('; ');
     return Promise.resolve(
-      print(
+      printOutcome(
         failure(
           ExitCode.INVALID_INPUT,
           `invalid input: ${what}`,
@@ -142,14 +143,8 @@ function success(result: string, detail: unknown): ExamOutcome {
   return { status: 'success', exitCode: ExitCode.SUCCESS, result, detail };
 }
 
-function print(outcome: ExamOutcome): ExitCode {
-  process.stdout.write(`${JSON.stringify(outcome)}\n`);
-  if (outcome.status === 'failure') process.stderr.write(`golem: error: ${outcome.message}\n`);
-  return outcome.exitCode;
-}
-
 async function run(options: DaemonOptions, daemonCall: DaemonCall): Promise<ExitCode> {
-  return print(await outcomeOf(options, daemonCall));
+  return printOutcome(await outcomeOf(options, daemonCall));
 }
 
 async function outcomeOf(options: DaemonOptions, daemonCall: DaemonCall): Promise<ExamOutcome> {

@@ -1,6 +1,6 @@
 /**
  * The `golem` command: `serve` runs the daemon, `exam` asks it one question, `adapters` manages
- * its named adapters and `compare` sets adapters against the base.
+ * its named adapters, `compare` sets adapters against the base and `grade` grades an exam file.
  */
 import { parseArgs } from 'node:util';
 import dotenv from 'dotenv';
@@ -9,6 +9,7 @@ import { SidecarStartError } from '../sidecar/supervisor';
 import { runCompare, runListAdapters, runLoadAdapter, runUnloadAdapter } from './adapters';
 import { runExam } from './exam';
 import { ExitCode } from './exit-codes';
+import { DEFAULT_GRADE_TIMEOUT_S, runGrade } from './grade';
 import { runServe } from './serve';
 
 const USAGE = `usage:
@@ -18,6 +19,8 @@ const USAGE = `usage:
   golem adapters unload NAME [--model M] [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
   golem adapters list [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
   golem compare '<json>' [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
+  golem grade EXAM [--adapter PATH|NAME]... [--base] [--scorer NAME]... [--header FILE] [--model M]
+    [--results FILE] [--report FILE] [--timeout-s S] [--address HOST:PORT] [--config FILE] [--tls-ca FILE]
 
 exam input: the proto3 JSON of TakeExamRequest: modelName, adapterPath, adapterName, prompt,
   maxNewTokens, device, quantization {loadIn4Bit, bnb4BitComputeDtype, bnb4BitQuantType,
@@ -25,7 +28,14 @@ exam input: the proto3 JSON of TakeExamRequest: modelName, adapterPath, adapterN
 exam --stream prints the answer on stderr as it is generated; stdout gets the usual JSON line.
 compare input: the proto3 JSON of CompareAdaptersRequest: {"prompts": [...], "adapters": [...], "modelName"?, "maxNewTokens"?};
   it prints a table on stderr: per prompt, each model's answer, tokens and mean log-prob under each model.
-adapters and compare need a running daemon (golem serve); exam starts one for the call if none runs.
+grade grades the exam file EXAM (JSONL; docs/exams.md) with the bare base (--base) and each
+  --adapter (a folder, or a registered adapter's name); --scorer replaces the header's scorers.
+  It prints each model's mean per scorer and each adapter's delta from the base on stderr, with a
+  progress bar when stderr is a terminal. --results FILE appends every result as a JSON line and
+  resumes from the file's results when run again; --report FILE writes an HTML report.
+  --timeout-s: the call's deadline, ${DEFAULT_GRADE_TIMEOUT_S} s (a day) by default.
+adapters and compare need a running daemon (golem serve); exam and grade start one for the call if
+  none runs.
 Every command but serve prints one JSON line {status, exitCode, message?, result?, detail?} on stdout.
 exam sends the token in $GOLEM_AUTH_TOKEN (or security.authTokenEnv) when set, and talks TLS
   when --tls-ca or $GOLEM_TLS_CA names the CA (or self-signed certificate) to trust.
@@ -48,6 +58,8 @@ export async function main(argv: string[]): Promise<number> {
         return await adapters(rest);
       case 'compare':
         return await compare(rest);
+      case 'grade':
+        return await grade(rest);
       case 'help':
       case '--help':
       case '-h':
@@ -153,6 +165,52 @@ async function compare(args: string[]): Promise<number> {
   }
   const { values } = parsed;
   return runCompare(parsed.positionals[0], {
+    address: values.address,
+    configFile: values.config,
+    tlsCa: values['tls-ca'],
+  });
+}
+
+async function grade(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      options: {
+        ...DAEMON_OPTIONS,
+        adapter: { type: 'string', multiple: true },
+        base: { type: 'boolean' },
+        scorer: { type: 'string', multiple: true },
+        header: { type: 'string' },
+        model: { type: 'string' },
+        results: { type: 'string' },
+        report: { type: 'string' },
+        'timeout-s': { type: 'string' },
+      },
+      allowPositionals: true,
+      strict: true,
+    });
+  } catch (err) {
+    return usageError((err as Error).message);
+  }
+  if (parsed.positionals.length !== 1) {
+    return usageError(`grade takes one exam file, got ${parsed.positionals.length} arguments`);
+  }
+  const { values } = parsed;
+  const timeoutS = values['timeout-s'] === undefined ? DEFAULT_GRADE_TIMEOUT_S : Number(values['timeout-s']);
+  if (!(Number.isFinite(timeoutS) && timeoutS > 0)) {
+    return usageError(`--timeout-s must be a positive number of seconds, got ${JSON.stringify(values['timeout-s'])}`);
+  }
+  return runGrade({
+    exam: parsed.positionals[0],
+    adapters: values.adapter ?? [],
+    base: values.base ?? false,
+    scorers: values.scorer ?? [],
+    header: values.header,
+    model: values.model,
+    results: values.results,
+    report: values.report,
+    timeoutS,
     address: values.address,
     configFile: values.config,
     tlsCa: values['tls-ca'],

@@ -21,10 +21,12 @@ export function cancelledOutcome(signal: NodeJS.Signals): Record<string, unknown
 /**
  * Runs `work` (which prints nothing on stdout itself); a SIGINT or SIGTERM before it settles
  * prints the cancelled line and exits 1 at once. Waiting for a polite stop would mean waiting for
- * the call in flight, which is exactly what the signal asked not to do.
+ * the call in flight, which is exactly what the signal asked not to do. `beforeExit` tidies up
+ * what must not be left half-drawn (a progress line).
  */
-export async function cancelOnSignal<T>(work: () => Promise<T>): Promise<T> {
+export async function cancelOnSignal<T>(work: () => Promise<T>, beforeExit?: () => void): Promise<T> {
   const onSignal = (signal: NodeJS.Signals): void => {
+    beforeExit?.();
     process.stdout.write(`${JSON.stringify(cancelledOutcome(signal))}\n`);
     process.stderr.write(`golem: error: stopped by ${signal}\n`);
     process.exit(ExitCode.FAILURE);
