@@ -34,8 +34,33 @@ interface SummaryJson {
   items: number;
   graded?: number;
   resumed?: number;
-  models: Array<{ model: string; scores: ScoreJson[] }>;
-  deltas?: Array<{ model: string; deltas: Array<ScoreJson & { delta?: number }> }>;
+  models: Array<{ model: string; adapterHash?: string; scores: ScoreJson[] }>;
+  deltas?: Array<{
+    model: string;
+    deltas: Array<ScoreJson & { delta?: number; better?: number; worse?: number; same?: number }>;
+  }>;
+}
+
+/** The summary's numbers with the zeros proto3 JSON leaves out written in, as `result` has them. */
+function filledIn(summary: SummaryJson): unknown {
+  return {
+    models: summary.models.map((m) => ({
+      model: m.model,
+      adapterHash: m.adapterHash ?? '',
+      scores: m.scores.map((s) => ({ scorer: s.scorer, mean: s.mean ?? 0, n: s.n ?? 0 })),
+    })),
+    deltas: (summary.deltas ?? []).map((a) => ({
+      model: a.model,
+      deltas: a.deltas.map((d) => ({
+        scorer: d.scorer,
+        delta: d.delta ?? 0,
+        n: d.n ?? 0,
+        better: d.better ?? 0,
+        worse: d.worse ?? 0,
+        same: d.same ?? 0,
+      })),
+    })),
+  };
 }
 interface ResultJson {
   itemId: string;
@@ -156,7 +181,7 @@ describe('golem grade end to end', () => {
     expect(run.code).toBe(0);
     expect(run.json).toMatchObject({ status: 'success', exitCode: 0 });
     const summary = summaryOf(run);
-    expect(run.json.result).toEqual({ models: summary.models, deltas: summary.deltas });
+    expect(run.json.result).toEqual(filledIn(summary));
     expect(summary).toMatchObject({ items: 6, graded: 12 });
     expect(summary.models.map((m) => m.model)).toEqual(['__base__', models.adapter]);
     const [base, adapter] = summary.models;

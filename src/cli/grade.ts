@@ -123,12 +123,30 @@ function graded(options: GradeOptions, summary: ExamSummary, disagreements: Disa
     const failed = writeReport(options.report, { examPath, summary, ...disagreements.result() });
     if (failed) return failed;
   }
-  const json = ExamSummary.toJSON(summary) as { models?: unknown[]; deltas?: unknown[] };
   return {
     status: 'success',
     exitCode: ExitCode.SUCCESS,
-    result: { models: json.models ?? [], deltas: json.deltas ?? [] },
-    detail: json,
+    result: scoresOf(summary),
+    detail: ExamSummary.toJSON(summary),
+  };
+}
+
+/**
+ * The result's numbers with every field written out: proto3 JSON leaves out zeros, so a base
+ * that scored 0 would show no "mean" at all, and a script reading the line would have to know
+ * that absent means 0.
+ */
+export function scoresOf(summary: ExamSummary): { models: unknown[]; deltas: unknown[] } {
+  return {
+    models: summary.models.map(({ model, adapterHash, scores }) => ({
+      model,
+      adapterHash,
+      scores: scores.map(({ scorer, mean, n }) => ({ scorer, mean, n })),
+    })),
+    deltas: summary.deltas.map(({ model, deltas }) => ({
+      model,
+      deltas: deltas.map(({ scorer, delta, n, better, worse, same }) => ({ scorer, delta, n, better, worse, same })),
+    })),
   };
 }
 
