@@ -9,8 +9,11 @@ max_new_tokens) repeated R times under unique ids, graded by the bare base and t
 adapters loaded and warm, timed from the GradeExam call to its summary. Plain
 (scripts/bench_grade_plain.py): the same base and dtype, each model in turn answering in padded
 generate batches of 32 and scoring in padded teacher-forced batches of 32, timed likewise after
-loading. Checks: every golem answer equals plain's, every mean_logprob is within 1e-4 of
-plain's, every choice_accuracy equal; anything else is printed and makes the exit status 1.
+loading (its forward takes the log-softmax over every position, as a user writes it; golem's
+keeps the answer positions only). Checks: every golem answer equals plain's, every mean_logprob
+is within 1e-4 of plain's, every choice_accuracy is equal; anything else is printed (a differing
+answer with plain's answer to its prompt alone, which tells batch-shape float differences apart)
+and makes the exit status 1.
 Run it on an otherwise idle machine.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import shutil
 import sys
@@ -140,7 +144,8 @@ def render(run: dict[str, Any], checks: dict[str, Any], summary: Any, plain: Res
         "Run it on an otherwise idle machine: on 2 cores, two torch processes slow each other by"
         " 10x and more, so a run beside test suites gives meaningless figures.",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine()}. Load average (1 min) {run['load_before']:.2f} before the run, "
+        f"{os.getloadavg()[0]:.2f} after: the figures are only as quiet as the machine was.",
         f"Command: `{run['command']}`.",
         f"Exam: {run['exam']}. Models: {', '.join(map(_short, run['labels']))}. "
         f"Base: {run['base']}.",
@@ -182,6 +187,7 @@ def main() -> int:
     defaults = replace(config.defaults, model_name=model, adapter_path=adapter)
     config = replace(config, defaults=defaults)
     placement = default_placement(defaults)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="golem-bench-grade-") as tmp:
         exam = repeated_exam(Path(tmp), args.repeat)
         copies = perturbed_copies(Path(adapter), Path(tmp) / "copies", args.adapters)
@@ -214,6 +220,7 @@ def main() -> int:
         "new tokens",
         "labels": labels,
         "base": f"{shown}, {placement.device}, {placement.dtype}",
+        "load_before": load_before,
         "results": len(plain),
         "golem_s": golem_s,
         "plain_s": plain_s,
