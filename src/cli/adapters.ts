@@ -3,7 +3,6 @@
  * started for them), each printing one JSON line on stdout and exiting with `exam`'s codes.
  */
 import type { ClientUnaryCall, Metadata, ServiceError } from '@grpc/grpc-js';
-import { ConfigError, loadConfig } from '../config';
 import {
   CompareAdaptersResponse,
   ExamServiceClient,
@@ -12,7 +11,7 @@ import {
   LoadAdapterResponse,
 } from '../gen/golem/exam/v1/exam';
 import { identity } from '../sidecar/client';
-import { callMetadata, channelCredentialsFor, daemonAddress } from './daemon';
+import { callMetadata, channelCredentialsFor, cliConfig, daemonAddress } from './daemon';
 import { failure, fromError, printOutcome, type ExamOutcome } from './outcome';
 import { ExitCode } from './exit-codes';
 import { parseCompareInput } from './input';
@@ -148,14 +147,9 @@ async function run(options: DaemonOptions, daemonCall: DaemonCall): Promise<Exit
 }
 
 async function outcomeOf(options: DaemonOptions, daemonCall: DaemonCall): Promise<ExamOutcome> {
-  let token: string | undefined;
-  try {
-    const config = loadConfig({ file: options.configFile });
-    token = process.env[config.security.authTokenEnv] || undefined;
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
-  }
+  const loaded = cliConfig(options.configFile);
+  if ('exitCode' in loaded) return loaded;
+  const { token } = loaded;
   const channelCredentials = channelCredentialsFor(options.tlsCa);
   if ('exitCode' in channelCredentials) return channelCredentials;
   const address = daemonAddress(options.address);

@@ -6,7 +6,7 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Client, credentials, Metadata, type ChannelCredentials } from '@grpc/grpc-js';
-import type { GolemConfig } from '../config';
+import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import { startGateway } from '../gateway/server';
 import { createLogger } from '../log';
 import { AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
@@ -30,6 +30,24 @@ export function channelCredentialsFor(tlsCaOption: string | undefined): ChannelC
   } catch (err) {
     const message = `cannot read the TLS CA ${tlsCa} (--tls-ca or GOLEM_TLS_CA): ${(err as Error).message}`;
     return failure(ExitCode.INVALID_INPUT, message, 'INVALID_ARGUMENT', 'INVALID_COMMAND_LINE');
+  }
+}
+
+/** A command's config (`--config`, else the default) and the bearer token it names. */
+export interface CliConfig {
+  config: GolemConfig;
+  /** From the variable `security.authTokenEnv` names; unset or empty: none. */
+  token: string | undefined;
+}
+
+/** Loads the config for a command; a bad one is the command's failure (exit 2), not a crash. */
+export function cliConfig(configFile: string | undefined): CliConfig | ExamOutcome {
+  try {
+    const config = loadConfig({ file: configFile });
+    return { config, token: process.env[config.security.authTokenEnv] || undefined };
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
   }
 }
 

@@ -4,10 +4,9 @@
  * the one call and stopped after it.
  */
 import { Client, status as GrpcStatus, type ServiceError, type StatusObject } from '@grpc/grpc-js';
-import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import { ExamServiceService, TakeExamResponse, type ExamChunk } from '../gen/golem/exam/v1/exam';
 import { identity } from '../sidecar/client';
-import { callMetadata, channelCredentialsFor, connectOrStart, daemonAddress } from './daemon';
+import { callMetadata, channelCredentialsFor, cliConfig, connectOrStart, daemonAddress } from './daemon';
 import { ExitCode } from './exit-codes';
 import { parseExamInput } from './input';
 import { cancelOnSignal } from './one-shot';
@@ -29,13 +28,9 @@ export async function runExam(options: ExamOptions): Promise<ExitCode> {
 }
 
 async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
-  let config: GolemConfig;
-  try {
-    config = loadConfig({ file: options.configFile });
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
-  }
+  const loaded = cliConfig(options.configFile);
+  if ('exitCode' in loaded) return loaded;
+  const { config, token } = loaded;
   const tooLarge = checkInputSize(options.input, config.limits.maxInputBytes);
   if (tooLarge) return tooLarge;
   const parsed = parseExamInput(options.input);
@@ -51,7 +46,6 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
   }
   const channelCredentials = channelCredentialsFor(options.tlsCa);
   if ('exitCode' in channelCredentials) return channelCredentials;
-  const token = process.env[config.security.authTokenEnv] || undefined;
   const connection = await connectOrStart(daemonAddress(options.address), channelCredentials, config);
   if ('exitCode' in connection) return connection;
   try {
