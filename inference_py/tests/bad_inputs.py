@@ -70,7 +70,7 @@ def _confined(tiny: dict[str, str], root: Path) -> dict[str, str]:
     (models / "escape").symlink_to(tiny["model"], target_is_directory=True)
     return {
         **bad_adapters,
-        **build_bad_exams(root / "exams"),
+        **build_bad_exams(root / "exam_files"),
         "model_root": str(models),
         "adapter_root": str(adapters),
         "confined_model": str(model),
