@@ -39,6 +39,10 @@ def _good(exams: Path, outside: Path) -> dict[str, Path]:
     (outside / "outside.yaml").write_text(GOOD_HEADER)
     (outside / "results.jsonl").write_text("")
     (exams / "escape.jsonl").symlink_to(beyond)
+    # An exam inside whose header beside it (found by its stem) links out.
+    leaky = exams / "leaky_header.jsonl"
+    leaky.write_text(GOOD_ITEMS)
+    (exams / "leaky_header.yaml").symlink_to(outside / "outside.yaml")
     return {
         "good_exam": good,
         "good_header": exams / "good.yaml",
@@ -48,6 +52,7 @@ def _good(exams: Path, outside: Path) -> dict[str, Path]:
         "outside_header": outside / "outside.yaml",
         "outside_results": outside / "results.jsonl",
         "exam_symlink": exams / "escape.jsonl",
+        "exam_leaky_header": leaky,
     }
 
 

@@ -353,6 +353,10 @@ CASES = [
            include_base=True),
     escape("grade: exam escaping with ..", "exam_dotdot", "exam_path", rpc="GradeExam",
            include_base=True),
+    # The header found beside the exam is confined too: it stands for header_path.
+    grade("header beside the exam escaping by symlink",
+          lambda p: G(exam_path=p["exam_leaky_header"], include_base=True),
+          Code.PERMISSION_DENIED, "PATH_OUTSIDE_ROOTS", "header_path", confined=True),
     escape("grade: header outside the roots", "outside_header", "header_path", rpc="GradeExam",
            exam_path="$good_exam", include_base=True),
     escape("grade: results outside the roots", "outside_results", "resume_path", rpc="GradeExam",
