@@ -450,6 +450,12 @@ const CASES: BadInputCase[] = [
     (fx) => ({ examPath: fx.exams.dotDotOut, includeBase: true }),
     outsideRoots('exam_path'),
   ),
+  // The header found beside the exam stands for header_path, and is confined as it is.
+  grade(
+    'header beside the exam linking out of the roots',
+    (fx) => ({ examPath: fx.exams.leakyHeader, includeBase: true }),
+    outsideRoots('header_path'),
+  ),
   grade(
     'header outside security.examRoots',
     (fx) => ({ examPath: fx.exams.good, headerPath: fx.exams.outsideHeader, includeBase: true }),

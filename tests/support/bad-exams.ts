@@ -41,6 +41,8 @@ export interface BadExams {
   outsideResults: string;
   /** A link inside the root to the exam outside it. */
   symlinkOut: string;
+  /** An exam inside the root whose header beside it (same stem) links out of it. */
+  leakyHeader: string;
   /** `root/../outside/outside.jsonl`. */
   dotDotOut: string;
 }
@@ -80,6 +82,7 @@ export function badExams(dir: string): BadExams {
     outsideHeader: take('outside_header'),
     outsideResults: take('outside_results'),
     symlinkOut: take('exam_symlink'),
+    leakyHeader: take('exam_leaky_header'),
     dotDotOut: take('exam_dotdot'),
   };
 }
