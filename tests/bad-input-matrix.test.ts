@@ -493,6 +493,12 @@ const CASES: BadInputCase[] = [
     { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'resume_path' },
     { says: (fx) => [`${fx.exams.badResults}:1:`] },
   ),
+  grade(
+    'results line JSON but not an object',
+    (fx) => ({ examPath: fx.exams.good, includeBase: true, resumePath: fx.exams.resultsNotObject }),
+    { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'resume_path' },
+    { says: (fx) => [`${fx.exams.resultsNotObject}:1:`] },
+  ),
   // Found mid-run, as the item's window is graded: the plan went out first, and the short item
   // sharing the long one's window is never sent.
   grade(

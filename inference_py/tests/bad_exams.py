@@ -114,6 +114,9 @@ def build_bad_exams(root: Path) -> dict[str, str]:
     # Line 1 is not JSON and a complete line follows: not an interrupted write, a bad file.
     bad_results = exams / "bad_results.jsonl"
     bad_results.write_text('not a result\n{"itemId": "dune", "model": "__base__", "key": "k"}\n')
+    # Line 1 is JSON, but a number, not an ItemResult's object.
+    not_object = exams / "results_not_object.jsonl"
+    not_object.write_text('5\n{"itemId": "dune", "model": "__base__", "key": "k"}\n')
     made = {
         **_good(exams, outside),
         **_broken_items(exams),
@@ -121,6 +124,7 @@ def build_bad_exams(root: Path) -> dict[str, str]:
         "exam_folder": folder,
         "exam_missing": exams / "no_such_exam.jsonl",
         "bad_results": bad_results,
+        "results_not_object": not_object,
     }
     return {
         "exam_root": str(exams),

@@ -378,6 +378,11 @@ CASES = [
           lambda p: G(exam_path=p["good_exam"], include_base=True, resume_path=p["bad_results"]),
           Code.INVALID_ARGUMENT, "INVALID_EXAM", "resume_path",
           lambda p: (exam_file(p, "bad_results") + ":1:",)),
+    grade("results line JSON but not an object",
+          lambda p: G(exam_path=p["good_exam"], include_base=True,
+                      resume_path=p["results_not_object"]),
+          Code.INVALID_ARGUMENT, "INVALID_EXAM", "resume_path",
+          lambda p: (exam_file(p, "results_not_object") + ":1:",)),
     # Found mid-run, as the item's window is graded: the plan went out first, and the short
     # item sharing the long one's window is never sent.
     grade("item prompt longer than the context",

@@ -35,6 +35,8 @@ export interface BadExams {
   missing: string;
   /** A results file whose first line is not JSON, with a complete line after it. */
   badResults: string;
+  /** A results file whose first line is JSON but a number, not an object. */
+  resultsNotObject: string;
   /** A good exam, header and results file outside the root. */
   outside: string;
   outsideHeader: string;
@@ -78,6 +80,7 @@ export function badExams(dir: string): BadExams {
     folder: take('exam_folder'),
     missing: take('exam_missing'),
     badResults: take('bad_results'),
+    resultsNotObject: take('results_not_object'),
     outside: take('outside_exam'),
     outsideHeader: take('outside_header'),
     outsideResults: take('outside_results'),
