@@ -9,7 +9,7 @@ import { Client, credentials, Metadata, type ChannelCredentials } from '@grpc/gr
 import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import { startGateway } from '../gateway/server';
 import { createLogger } from '../log';
-import { AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
+import { ADAPTER_ROUTING_KEY, AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
 import { ExitCode } from './exit-codes';
 import { failure, type ExamOutcome } from './outcome';
 import { isListening } from './probe';
@@ -57,11 +57,13 @@ export function daemonAddress(option: string | undefined): string {
 }
 
 /** Metadata for one call: a fresh request id, and the bearer token when there is one. */
-export function callMetadata(token: string | undefined): { metadata: Metadata; requestId: string } {
+export function callMetadata(token: string | undefined, route?: string): { metadata: Metadata; requestId: string } {
   const requestId = randomUUID();
   const metadata = new Metadata();
   metadata.set(REQUEST_ID_KEY, requestId);
   if (token) metadata.set(AUTHORIZATION_KEY, `Bearer ${token}`);
+  // The adapter the call is about, for a mesh that keeps each adapter on one replica (routing.ts).
+  if (route !== undefined) metadata.set(ADAPTER_ROUTING_KEY, route);
   return { metadata, requestId };
 }
 

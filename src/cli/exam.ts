@@ -6,6 +6,7 @@
 import { Client, status as GrpcStatus, type ServiceError, type StatusObject } from '@grpc/grpc-js';
 import { ExamServiceService, TakeExamResponse, type ExamChunk } from '../gen/golem/exam/v1/exam';
 import { identity } from '../sidecar/client';
+import { examRoute } from './routing';
 import { callMetadata, channelCredentialsFor, cliConfig, connectOrStart, daemonAddress } from './daemon';
 import { ExitCode } from './exit-codes';
 import { parseExamInput } from './input';
@@ -49,7 +50,8 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
   const connection = await connectOrStart(daemonAddress(options.address), channelCredentials, config);
   if ('exitCode' in connection) return connection;
   try {
-    return await (options.stream ? streamCall : call)(connection.client, Buffer.from(parsed.bytes), token);
+    const route = examRoute(parsed.request, config.defaults.adapterPath);
+    return await (options.stream ? streamCall : call)(connection.client, Buffer.from(parsed.bytes), token, route);
   } finally {
     await connection.close();
   }
@@ -66,8 +68,8 @@ function checkInputSize(input: string, maxBytes: number): ExamOutcome | undefine
 }
 
 // The request goes as the bytes the input parser encoded: a uint64 seed stays exact.
-function call(client: Client, request: Buffer, token: string | undefined): Promise<ExamOutcome> {
-  const { metadata, requestId } = callMetadata(token);
+function call(client: Client, request: Buffer, token: string | undefined, route: string): Promise<ExamOutcome> {
+  const { metadata, requestId } = callMetadata(token, route);
   const method = ExamServiceService.takeExam;
   return new Promise((resolve) => {
     client.makeUnaryRequest(method.path, identity, method.responseDeserialize, request, metadata, (error, response) => {
@@ -77,8 +79,8 @@ function call(client: Client, request: Buffer, token: string | undefined): Promi
 }
 
 // The text goes to stderr as it comes; stdout keeps its one JSON line, built from the final chunk.
-function streamCall(client: Client, request: Buffer, token: string | undefined): Promise<ExamOutcome> {
-  const { metadata, requestId } = callMetadata(token);
+function streamCall(client: Client, request: Buffer, token: string | undefined, route: string): Promise<ExamOutcome> {
+  const { metadata, requestId } = callMetadata(token, route);
   const method = ExamServiceService.streamExam;
   return new Promise((resolve) => {
     let final: TakeExamResponse | undefined;

@@ -15,6 +15,7 @@ import {
   type GradeExamResponse,
 } from '../gen/golem/exam/v1/exam';
 import { DisagreementCollector } from './disagreements';
+import { firstAdapterRoute } from './routing';
 import { callMetadata, channelCredentialsFor, cliConfig, connectOrStart, daemonAddress } from './daemon';
 import { ExitCode } from './exit-codes';
 import { summaryTable } from './grade-summary';
@@ -209,7 +210,7 @@ function gradeCall(
   deadline: number,
   onMessage: (message: GradeExamResponse) => void,
 ): Promise<ExamSummary | ExamOutcome> {
-  const { metadata, requestId } = callMetadata(token);
+  const { metadata, requestId } = callMetadata(token, firstAdapterRoute(request.adapters));
   const method = ExamServiceService.gradeExam;
   return new Promise((resolve) => {
     let summary: ExamSummary | undefined;
