@@ -29,6 +29,16 @@ const quantizationSchema = z.union([
   }),
 ]);
 
+// The exporter would take "host:4317" too, but silently guess plaintext or TLS: make it say.
+const otlpEndpoint = z
+  .string()
+  .trim()
+  .refine((url) => url === '' || /^https?:\/\/\S+$/.test(url), {
+    message: 'must be a URL such as http://127.0.0.1:4317 (http: plaintext, https: TLS), or empty',
+  });
+
+const TRACING_OFF = { otlpEndpoint: '', sidecarSpansFile: '' };
+
 export const configSchema = z.strictObject({
   listen: nonBlank,
   logLevel: z.enum(['error', 'warn', 'info', 'debug']),
@@ -108,6 +118,15 @@ export const configSchema = z.strictObject({
         });
       }
     }),
+  // Off unless given somewhere to send spans: no instrumentation is loaded at all.
+  tracing: z
+    .strictObject({
+      // An OTLP/gRPC collector: gateway and sidecar both export their spans there.
+      otlpEndpoint: otlpEndpoint.default(''),
+      // A debug exporter: the sidecar appends each of its finished spans here as a JSON line.
+      sidecarSpansFile: z.string().default(''),
+    })
+    .default(TRACING_OFF),
 });
 
 export type GolemConfig = z.infer<typeof configSchema>;
@@ -134,6 +153,7 @@ const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]
   ['GOLEM_SHUTDOWN_GRACE_MS', ['limits', 'shutdownGraceMs'], 'integer'],
   ['GOLEM_TLS_CERT_FILE', ['security', 'tlsCertFile'], 'string'],
   ['GOLEM_TLS_KEY_FILE', ['security', 'tlsKeyFile'], 'string'],
+  ['GOLEM_OTLP_ENDPOINT', ['tracing', 'otlpEndpoint'], 'string'],
 ];
 
 export interface LoadConfigOptions {

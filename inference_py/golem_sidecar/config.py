@@ -99,6 +99,22 @@ class Security:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Where the sidecar's spans go; both empty (the default): tracing is off and no
+    instrumentation is installed."""
+
+    # An OTLP/gRPC collector as a URL: http://HOST:4317 (plaintext) or https://... (TLS).
+    otlp_endpoint: str = ""
+    # A debug exporter: each finished span appended here as one JSON object per line (the SDK's
+    # ConsoleSpanExporter), to look at traces without a collector.
+    spans_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint or self.spans_file)
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """Everything the sidecar needs to serve."""
 
@@ -109,6 +125,7 @@ class SidecarConfig:
     defaults: Defaults = field(default_factory=Defaults)
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
+    tracing: Tracing = field(default_factory=Tracing)
     # Load the default base (and its adapter) before reporting SERVING.
     preload: bool = True
 
@@ -196,6 +213,19 @@ _QUANTIZATION_KEYS = (
 )
 
 
+def _tracing(raw: dict[str, Any]) -> Tracing:
+    section = _section(raw, "tracing")
+    endpoint = _get(section, "otlpEndpoint", "tracing", str, "").strip()
+    # The exporter would take "host:4317" too, but silently guess plaintext or TLS: make it say.
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(
+            "tracing.otlpEndpoint: expected a URL such as http://127.0.0.1:4317 "
+            f"(http: plaintext, https: TLS), got {json.dumps(endpoint)}"
+        )
+    spans_file = _get(section, "sidecarSpansFile", "tracing", str, "")
+    return Tracing(otlp_endpoint=endpoint, spans_file=spans_file)
+
+
 def normalize_compute_dtype(name: str) -> str | None:
     """ "torch.float16" and "float16" name the same dtype; None when it is not one we accept."""
     short = name.strip().removeprefix("torch.")
@@ -261,6 +291,7 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         defaults=defaults,
         limits=limits,
         security=security,
+        tracing=_tracing(raw),
         preload=_get(side, "preload", "sidecar", bool, True),
     )
 

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import REQUEST_ID
 from golem_sidecar.shutdown import CallGate
+from golem_sidecar.tracing import record_error, record_operation
 from golem_sidecar.wire import EXAM_SERVICE_NAME, REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, name: str, behaviour: Unary) -> Unary:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             REQUEST_ID.set(request_id(context))
+            record_operation(name)
             started = time.perf_counter()
             try:
                 # Shutdown refuses new calls here, and ends those still running when grace ends.
@@ -107,6 +109,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncGenerator[Any, None]:
             REQUEST_ID.set(request_id(context))
+            record_operation(name)
             started = time.perf_counter()
             stream = behaviour(request, context)
             try:
@@ -129,6 +132,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         self, context: grpc.aio.ServicerContext, name: str, error: GolemError, started: float
     ) -> None:
         _finished(name, error.code.name, started)
+        record_error(error)
         await context.abort_with_status(error.to_status())
 
 

@@ -15,6 +15,7 @@ def test_shipped_configs_parse(name: str) -> None:
     assert config.defaults.max_new_tokens == 20
     assert config.security.allow_pickle is False
     assert config.security.trust_remote_code is False
+    assert config.tracing.enabled is False
 
 
 def test_seed_profile_restores_the_seed_defaults() -> None:
@@ -60,11 +61,22 @@ def test_seed_profile_restores_the_seed_defaults() -> None:
         ({"limits": {"maxNewTokensCap": 0}}, "limits.maxNewTokensCap"),
         ({"defaults": {"maxNewTokens": 99}, "limits": {"maxNewTokensCap": 10}}, "maxNewTokensCap"),
         ({"security": {"allowPickle": "yes"}}, "security.allowPickle"),
+        ({"tracing": {"otlpEndpoint": "collector:4317"}}, "tracing.otlpEndpoint"),
+        ({"tracing": {"sidecarSpansFile": 1}}, "tracing.sidecarSpansFile"),
+        ({"tracing": "on"}, "tracing"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict[str, object], names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         parse_config(raw)
+
+
+def test_tracing_takes_an_otlp_url_and_a_spans_file() -> None:
+    raw = {"tracing": {"otlpEndpoint": " http://127.0.0.1:4317 ", "sidecarSpansFile": "s.jsonl"}}
+    tracing = parse_config(raw).tracing
+    assert (tracing.otlp_endpoint, tracing.spans_file) == ("http://127.0.0.1:4317", "s.jsonl")
+    assert tracing.enabled
+    assert parse_config({"tracing": {"sidecarSpansFile": "s.jsonl"}}).tracing.enabled
 
 
 def test_inline_json_that_is_not_json_is_refused() -> None:

@@ -57,6 +57,7 @@ describe('loadConfig', () => {
       allowHubDownloads: false,
     });
     expect(config.defaults.quantization).toBe('auto');
+    expect(config.tracing).toEqual({ otlpEndpoint: '', sidecarSpansFile: '' });
   });
 
   it('fills keys added later with their defaults, so older config files still load', () => {
@@ -84,6 +85,7 @@ describe('loadConfig', () => {
       ]) {
         delete raw.security[key];
       }
+      delete raw.tracing;
     });
     expect(loadConfig({ file, env: {} })).toEqual(loadConfig({ env: {} }));
   });
@@ -170,6 +172,7 @@ describe('loadConfig', () => {
         GOLEM_SHUTDOWN_GRACE_MS: '2500',
         GOLEM_TLS_CERT_FILE: '/etc/golem/cert.pem',
         GOLEM_TLS_KEY_FILE: '/etc/golem/key.pem',
+        GOLEM_OTLP_ENDPOINT: 'http://collector:4317',
       },
     });
     expect(config).toMatchObject({
@@ -180,7 +183,18 @@ describe('loadConfig', () => {
       defaults: { modelName: 'distilgpt2', adapterPath: 'results/checkpoint-250', device: 'cpu' },
       limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000, shutdownGraceMs: 2500 },
       security: { tlsCertFile: '/etc/golem/cert.pem', tlsKeyFile: '/etc/golem/key.pem' },
+      tracing: { otlpEndpoint: 'http://collector:4317' },
     });
+  });
+
+  it('refuses an OTLP endpoint that is not an http(s) URL, naming the key and the variable', () => {
+    expect(() => loadConfig({ env: { GOLEM_OTLP_ENDPOINT: 'collector:4317' } })).toThrow(
+      /tracing\.otlpEndpoint: must be a URL .*\(from GOLEM_OTLP_ENDPOINT\)/,
+    );
+    const file = writeConfig('bad-tracing.json', (raw) => {
+      raw.tracing = { otlpEndpoint: '', sidecarSpansFile: 3, sampler: 'always' };
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/tracing\.sidecarSpansFile: .*unknown key tracing\.sampler/);
   });
 
   it('names the variable when an override is not a number', () => {
