@@ -158,12 +158,14 @@ export class SidecarProcess {
 }
 
 /**
- * The sidecar's environment: ours, without the bearer token it has no use for, and offline
+ * The sidecar's environment: ours, without the bearer tokens it has no use for, and offline
  * (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) unless `security.allowHubDownloads` says otherwise.
  */
 export function sidecarEnvironment(config: GolemConfig, env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
   const result: NodeJS.ProcessEnv = { ...env, PYTHONUNBUFFERED: '1' };
   delete result[config.security.authTokenEnv];
+  // A token for a remote sidecar: the spawned one, on its private socket, asks for none.
+  delete result[config.sidecar.authTokenEnv];
   if (!config.security.allowHubDownloads) {
     result.HF_HUB_OFFLINE = '1';
     result.TRANSFORMERS_OFFLINE = '1';
