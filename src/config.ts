@@ -5,6 +5,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { isLoopback } from './gateway/roots';
 
 /** The package root: `src/config.ts` and `dist/config.js` both sit one level below it. */
 export const PACKAGE_ROOT = path.resolve(__dirname, '..');
@@ -43,23 +44,35 @@ export const configSchema = z.strictObject({
   listen: nonBlank,
   logLevel: z.enum(['error', 'warn', 'info', 'debug']),
   production: z.boolean(),
-  sidecar: z.strictObject({
-    // Empty: the gateway spawns its own sidecar; otherwise the address of one already running.
-    address: z.string(),
-    python: nonBlank,
-    startTimeoutMs: positiveInt,
-    // Keys added after the first release default, so older config files still load.
-    // Consecutive failed starts after a crash before the gateway gives up on its sidecar.
-    maxRestarts: nonNegativeInt.default(5),
-    // The wait before a restart doubles with each crash in a row, from this up to the max.
-    restartBackoffMs: positiveInt.default(500),
-    restartBackoffMaxMs: positiveInt.default(10000),
-    // A serving sidecar is asked for its health this often, each answer due within the timeout;
-    // after healthFailures misses in a row it counts as wedged and is killed and restarted.
-    healthIntervalMs: positiveInt.default(2000),
-    healthTimeoutMs: positiveInt.default(2000),
-    healthFailures: positiveInt.default(3),
-  }),
+  sidecar: z
+    .strictObject({
+      // Empty: the gateway spawns its own sidecar; otherwise the address of one already running.
+      address: z.string(),
+      python: nonBlank,
+      startTimeoutMs: positiveInt,
+      // Keys added after the first release default, so older config files still load.
+      // Consecutive failed starts after a crash before the gateway gives up on its sidecar.
+      maxRestarts: nonNegativeInt.default(5),
+      // The wait before a restart doubles with each crash in a row, from this up to the max.
+      restartBackoffMs: positiveInt.default(500),
+      restartBackoffMaxMs: positiveInt.default(10000),
+      // A serving sidecar is asked for its health this often, each answer due within the timeout;
+      // after healthFailures misses in a row it counts as wedged and is killed and restarted
+      // (a remote one, which the gateway cannot restart, counts as down until it answers again).
+      healthIntervalMs: positiveInt.default(2000),
+      healthTimeoutMs: positiveInt.default(2000),
+      healthFailures: positiveInt.default(3),
+      // A remote sidecar (`address` set): the PEM CA its certificate must chain to; empty: plaintext.
+      tlsCaFile: z.string().default(''),
+      // The environment variable holding the token sent to a remote sidecar on every call.
+      authTokenEnv: nonBlank.default('GOLEM_SIDECAR_TOKEN'),
+      // Plaintext to a sidecar beyond loopback; off, such an address needs tlsCaFile.
+      allowInsecure: z.boolean().default(false),
+    })
+    .superRefine((sidecar, ctx) => {
+      const problem = remoteSidecarProblem(sidecar);
+      if (problem) ctx.addIssue({ code: 'custom', path: [problem.key], message: problem.message });
+    }),
   defaults: z.strictObject({
     modelName: nonBlank,
     adapterPath: nonBlank,
@@ -131,6 +144,35 @@ export const configSchema = z.strictObject({
 
 export type GolemConfig = z.infer<typeof configSchema>;
 
+interface RemoteSidecarKeys {
+  address: string;
+  tlsCaFile: string;
+  allowInsecure: boolean;
+}
+
+/**
+ * A half-configured link to a remote sidecar, by the key to fix: a CA with nothing to connect
+ * to, plaintext beyond loopback (the token and every prompt in the clear) unless allowInsecure
+ * says so, or allowInsecure beside a CA (which of the two was meant?).
+ */
+function remoteSidecarProblem(sidecar: RemoteSidecarKeys): { key: string; message: string } | undefined {
+  if (sidecar.tlsCaFile && !sidecar.address) {
+    return { key: 'tlsCaFile', message: 'applies to a remote sidecar only: set sidecar.address too' };
+  }
+  if (sidecar.tlsCaFile && sidecar.allowInsecure) {
+    return { key: 'allowInsecure', message: 'cannot be true with sidecar.tlsCaFile set (TLS is used)' };
+  }
+  if (sidecar.address && !isLoopback(sidecar.address) && !sidecar.tlsCaFile && !sidecar.allowInsecure) {
+    return {
+      key: 'tlsCaFile',
+      message:
+        `must name the CA to trust for a sidecar beyond loopback (${sidecar.address}), ` +
+        'or set sidecar.allowInsecure: true to connect in plaintext',
+    };
+  }
+  return undefined;
+}
+
 /** Thrown for an unreadable or invalid configuration; the message names the file and the key. */
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -145,6 +187,8 @@ const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]
   ['GOLEM_PRODUCTION', ['production'], 'boolean'],
   ['GOLEM_SIDECAR_ADDRESS', ['sidecar', 'address'], 'string'],
   ['GOLEM_PYTHON', ['sidecar', 'python'], 'string'],
+  ['GOLEM_SIDECAR_TLS_CA_FILE', ['sidecar', 'tlsCaFile'], 'string'],
+  ['GOLEM_SIDECAR_ALLOW_INSECURE', ['sidecar', 'allowInsecure'], 'boolean'],
   ['GOLEM_MODEL_NAME', ['defaults', 'modelName'], 'string'],
   ['GOLEM_ADAPTER_PATH', ['defaults', 'adapterPath'], 'string'],
   ['GOLEM_DEVICE', ['defaults', 'device'], 'string'],

@@ -115,6 +115,27 @@ class Tracing:
 
 
 @dataclass(frozen=True)
+class TlsKeyPair:
+    """The PEM server certificate chain and private key, read once when the config is loaded."""
+
+    cert_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Link:
+    """How a gateway on another host reaches this sidecar (``sidecar.*`` keys of its config)."""
+
+    # From sidecar.tlsCertFile and sidecar.tlsKeyFile; None: plaintext.
+    tls: TlsKeyPair | None = None
+    # The environment variable holding the token every ExamService call must carry; unset or
+    # empty there: no token is asked. Health and reflection stay open either way.
+    auth_token_env: str = "GOLEM_SIDECAR_TOKEN"
+    # Plaintext on an address beyond loopback; off, such an address needs TLS.
+    allow_insecure: bool = False
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """Everything the sidecar needs to serve."""
 
@@ -128,6 +149,7 @@ class SidecarConfig:
     tracing: Tracing = field(default_factory=Tracing)
     # Load the default base (and its adapter) before reporting SERVING.
     preload: bool = True
+    link: Link = field(default_factory=Link)
 
     def __post_init__(self) -> None:
         if self.defaults.max_new_tokens > self.limits.max_new_tokens_cap:
@@ -284,8 +306,9 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         allow_hub_downloads=_get(sec, "allowHubDownloads", "security", bool, False),
     )
     side = _section(raw, "sidecar")
+    listen = listen or _get(side, "listen", "sidecar", str, SidecarConfig.listen)
     return SidecarConfig(
-        listen=listen or _get(side, "listen", "sidecar", str, SidecarConfig.listen),
+        listen=listen,
         log_level=_get(raw, "logLevel", "config", str, "info"),
         production=_get(raw, "production", "config", bool, False),
         defaults=defaults,
@@ -293,7 +316,40 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         security=security,
         tracing=_tracing(raw),
         preload=_get(side, "preload", "sidecar", bool, True),
+        link=_link(side, listen),
     )
+
+
+def _link(side: dict[str, Any], listen: str) -> Link:
+    cert = _get(side, "tlsCertFile", "sidecar", str, "")
+    key = _get(side, "tlsKeyFile", "sidecar", str, "")
+    if bool(cert) != bool(key):
+        missing, given = ("tlsKeyFile", "tlsCertFile") if cert else ("tlsCertFile", "tlsKeyFile")
+        raise ConfigError(
+            f"sidecar.{missing}: must be set together with sidecar.{given} (TLS needs both)"
+        )
+    allow_insecure = _get(side, "allowInsecure", "sidecar", bool, False)
+    # Plaintext beyond loopback would carry the token and every prompt in the clear.
+    if not cert and not allow_insecure and not is_loopback(listen):
+        raise ConfigError(
+            f"sidecar.tlsCertFile: listening beyond loopback ({listen}) needs TLS: set "
+            "sidecar.tlsCertFile and sidecar.tlsKeyFile, or sidecar.allowInsecure: true "
+            "to serve plaintext"
+        )
+    token_env = _get(side, "authTokenEnv", "sidecar", str, Link.auth_token_env).strip()
+    if not token_env:
+        raise ConfigError("sidecar.authTokenEnv: must name an environment variable")
+    tls = None
+    if cert:
+        tls = TlsKeyPair(_read_pem(cert, "tlsCertFile"), _read_pem(key, "tlsKeyFile"))
+    return Link(tls=tls, auth_token_env=token_env, allow_insecure=allow_insecure)
+
+
+def _read_pem(path: str, key: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"sidecar.{key}: cannot read {path}: {exc.strerror}") from None
 
 
 def load_config(path: str | None, inline_json: str | None, listen: str | None) -> SidecarConfig:
@@ -303,7 +359,8 @@ def load_config(path: str | None, inline_json: str | None, listen: str | None) -
     elif path is not None:
         text, origin = Path(path).read_text(encoding="utf-8"), path
     else:
-        return SidecarConfig(listen=listen or SidecarConfig.listen)
+        # No file: every default, still checked (a bare --listen beyond loopback needs TLS).
+        return parse_config({}, listen)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -14,8 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from golem_sidecar.adapters import AdapterFolder
+from golem_sidecar.auth import BearerCheck
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
-from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
+from golem_sidecar.config import SidecarConfig, confined_beyond_loopback, is_loopback
 from golem_sidecar.engine import ExamEngine
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gate import FileChecks
@@ -268,9 +269,11 @@ class Sidecar:
         self.files = FileChecks()
         self.health = health.aio.HealthServicer()
         size = config.limits.max_message_bytes
+        bearer = BearerCheck.from_environment(config.link.auth_token_env)
+        _log_security(config, bearer is not None)
         # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before parsing any of it.
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(tracer_provider), CallInterceptor(self.gate)],
+            interceptors=[*server_interceptors(tracer_provider), CallInterceptor(self.gate, bearer)],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -283,7 +286,7 @@ class Sidecar:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(config.listen)
+        self.port = _bind(self.server, config)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -309,3 +312,26 @@ class Sidecar:
         await self.server.stop(_FLUSH_S)
         await self.engine.close()
         self.files.close()
+
+
+def _bind(server: grpc.aio.Server, config: SidecarConfig) -> int:
+    """Adds the listening port: TLS when sidecar.tlsCertFile and tlsKeyFile are set."""
+    tls = config.link.tls
+    if tls is None:
+        return server.add_insecure_port(config.listen)
+    # No client certificates: the gateway proves itself with the bearer token.
+    credentials = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+    return server.add_secure_port(config.listen, credentials)
+
+
+def _log_security(config: SidecarConfig, bearer: bool) -> None:
+    # Said once at start; the token's variable is named, its value never.
+    tls = config.link.tls is not None
+    extra = {"tls": tls, "bearer_auth": bearer, "token_env": config.link.auth_token_env}
+    log.info("sidecar security", extra=extra)
+    if not is_loopback(config.listen) and not (tls and bearer):
+        log.warning(
+            "listening beyond loopback without TLS and a bearer token: anyone who can reach "
+            "the port can call it",
+            extra={"listen": config.listen, **extra},
+        )

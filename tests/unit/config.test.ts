@@ -44,6 +44,9 @@ describe('loadConfig', () => {
       healthIntervalMs: 2000,
       healthTimeoutMs: 2000,
       healthFailures: 3,
+      tlsCaFile: '',
+      authTokenEnv: 'GOLEM_SIDECAR_TOKEN',
+      allowInsecure: false,
     });
     expect(config.security).toEqual({
       trustRemoteCode: false,
@@ -173,13 +176,20 @@ describe('loadConfig', () => {
         GOLEM_TLS_CERT_FILE: '/etc/golem/cert.pem',
         GOLEM_TLS_KEY_FILE: '/etc/golem/key.pem',
         GOLEM_OTLP_ENDPOINT: 'http://collector:4317',
+        GOLEM_SIDECAR_TLS_CA_FILE: '/etc/golem/sidecar-ca.pem',
+        GOLEM_SIDECAR_ALLOW_INSECURE: 'false',
       },
     });
     expect(config).toMatchObject({
       listen: '0.0.0.0:6000',
       logLevel: 'debug',
       production: true,
-      sidecar: { address: 'unix:/run/golem.sock', python: '/usr/bin/python3' },
+      sidecar: {
+        address: 'unix:/run/golem.sock',
+        python: '/usr/bin/python3',
+        tlsCaFile: '/etc/golem/sidecar-ca.pem',
+        allowInsecure: false,
+      },
       defaults: { modelName: 'distilgpt2', adapterPath: 'results/checkpoint-250', device: 'cpu' },
       limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000, shutdownGraceMs: 2500 },
       security: { tlsCertFile: '/etc/golem/cert.pem', tlsKeyFile: '/etc/golem/key.pem' },
@@ -213,6 +223,45 @@ describe('loadConfig', () => {
     });
     expect(() => loadConfig({ file, env: {} })).toThrow(ConfigError);
     expect(() => loadConfig({ file, env: {} })).toThrow(/limits\.maxNewTokensCap/);
+  });
+
+  describe('a remote sidecar (sidecar.address)', () => {
+    const remote = (env: NodeJS.ProcessEnv): ReturnType<typeof loadConfig> => loadConfig({ env });
+
+    it.each(['10.200.0.2:50052', 'gpu-host:50052', 'dns:///gpu-host:50052'])(
+      'refuses plaintext beyond loopback (%s) unless sidecar.allowInsecure',
+      (address) => {
+        expect(() => remote({ GOLEM_SIDECAR_ADDRESS: address })).toThrow(
+          'sidecar.tlsCaFile: must name the CA to trust for a sidecar beyond loopback',
+        );
+        const insecure = remote({ GOLEM_SIDECAR_ADDRESS: address, GOLEM_SIDECAR_ALLOW_INSECURE: 'true' });
+        expect(insecure.sidecar).toMatchObject({ address, allowInsecure: true, tlsCaFile: '' });
+      },
+    );
+
+    it('takes TLS beyond loopback, and plaintext on loopback as before', () => {
+      const tls = remote({ GOLEM_SIDECAR_ADDRESS: '10.200.0.2:50052', GOLEM_SIDECAR_TLS_CA_FILE: '/etc/ca.pem' });
+      expect(tls.sidecar).toMatchObject({ tlsCaFile: '/etc/ca.pem', allowInsecure: false });
+      for (const address of ['127.0.0.1:50052', 'localhost:50052', 'unix:/run/golem.sock']) {
+        expect(remote({ GOLEM_SIDECAR_ADDRESS: address }).sidecar.address).toBe(address);
+      }
+    });
+
+    it('refuses a CA with no address to use it on', () => {
+      expect(() => remote({ GOLEM_SIDECAR_TLS_CA_FILE: '/etc/ca.pem' })).toThrow(
+        /sidecar\.tlsCaFile: applies to a remote sidecar only: set sidecar\.address too/,
+      );
+    });
+
+    it('refuses allowInsecure beside a CA', () => {
+      expect(() =>
+        remote({
+          GOLEM_SIDECAR_ADDRESS: '10.200.0.2:50052',
+          GOLEM_SIDECAR_TLS_CA_FILE: '/etc/ca.pem',
+          GOLEM_SIDECAR_ALLOW_INSECURE: 'true',
+        }),
+      ).toThrow(/sidecar\.allowInsecure: cannot be true with sidecar\.tlsCaFile set/);
+    });
   });
 
   it('names unknown keys', () => {
