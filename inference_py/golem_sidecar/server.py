@@ -273,7 +273,10 @@ class Sidecar:
         _log_security(config, bearer is not None)
         # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before parsing any of it.
         self.server = grpc.aio.server(
-            interceptors=[*server_interceptors(tracer_provider), CallInterceptor(self.gate, bearer)],
+            interceptors=[
+                *server_interceptors(tracer_provider),
+                CallInterceptor(self.gate, bearer),
+            ],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
