@@ -239,7 +239,9 @@ def check_config_loads(
     )
     if result.returncode:
         return
-    sidecar = parse_config(json.loads(result.stdout), config["listen"])
+    # The gateway spawns its sidecar on a private Unix socket (src/sidecar/supervisor.ts), which
+    # is where the pod's sidecar listens, whatever the gateway's own address.
+    sidecar = parse_config(json.loads(result.stdout), "unix:/tmp/golem-pod/sidecar.sock")
     roots = sidecar.security
     inside = (
         any(Path(sidecar.defaults.model_name).is_relative_to(r) for r in roots.model_roots)
