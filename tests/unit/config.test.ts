@@ -84,6 +84,7 @@ describe('loadConfig', () => {
       ]) {
         delete raw.security[key];
       }
+      delete raw.metrics;
     });
     expect(loadConfig({ file, env: {} })).toEqual(loadConfig({ env: {} }));
   });
@@ -115,6 +116,15 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ file, env: {} })).toThrow(
       /sidecar\.healthFailures: .*limits\.maxModels: .*security\.allowHubDownloads: /,
     );
+  });
+
+  it('refuses a metrics.listen that is not host:port, naming the key', () => {
+    const file = writeConfig('metrics.json', (raw) => {
+      raw.metrics = { listen: '9464' };
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/metrics\.listen: must be host:port/);
+    const ipv6 = loadConfig({ env: { GOLEM_METRICS_LISTEN: '[::1]:0' } });
+    expect(ipv6.metrics.listen).toBe('[::1]:0');
   });
 
   it('reads the seed profile with its 4-bit quantization object', () => {
@@ -170,6 +180,7 @@ describe('loadConfig', () => {
         GOLEM_SHUTDOWN_GRACE_MS: '2500',
         GOLEM_TLS_CERT_FILE: '/etc/golem/cert.pem',
         GOLEM_TLS_KEY_FILE: '/etc/golem/key.pem',
+        GOLEM_METRICS_LISTEN: '127.0.0.1:9464',
       },
     });
     expect(config).toMatchObject({
@@ -180,6 +191,7 @@ describe('loadConfig', () => {
       defaults: { modelName: 'distilgpt2', adapterPath: 'results/checkpoint-250', device: 'cpu' },
       limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000, shutdownGraceMs: 2500 },
       security: { tlsCertFile: '/etc/golem/cert.pem', tlsKeyFile: '/etc/golem/key.pem' },
+      metrics: { listen: '127.0.0.1:9464' },
     });
   });
 
