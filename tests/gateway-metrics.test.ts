@@ -184,3 +184,23 @@ describe('the metrics endpoint', () => {
     expect(response.status).toBe(404);
   });
 });
+
+describe('the metrics endpoint without its sidecar', () => {
+  it("answers with the gateway's metrics alone, and says the sidecar is not there", async () => {
+    const config = tinyConfig(tinyModels());
+    const gateway = await startGateway({
+      ...config,
+      sidecar: { ...config.sidecar, address: 'unix:/nonexistent/golem-metrics-test.sock' },
+      metrics: { listen: '127.0.0.1:0' },
+    });
+    try {
+      const response = await fetch(`http://${gateway.metricsAddress}/metrics`);
+      expect(response.status).toBe(200);
+      const [families] = parse([await response.text()]);
+      expect(Object.keys(families).sort()).toEqual([...GATEWAY_NAMES].sort());
+      expect(value(families, 'golem_gateway_sidecar_up')).toBe(0);
+    } finally {
+      await gateway.close();
+    }
+  });
+});
