@@ -32,7 +32,7 @@ DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run grade test lint lock test-py test-js bench clean
+.PHONY: help setup gen build models run grade test lint lock test-py test-js validate-deploy bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
@@ -153,7 +153,13 @@ test-py: setup models
 test-js: setup models $(GRPCURL) $(STAMPS)/chromium
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
 
-test: lint test-py test-js
+# deploy/ (docs/deploy.md), offline: the Kubernetes manifests against kubernetes-validate's bundled
+# schemas, the InferencePool against its JSON Schema, the Envoy configs through envoy itself, and the
+# shutdown timing, ports and names between them and golem's config (scripts/check_deploy.py).
+validate-deploy: setup
+	scripts/validate_deploy.sh
+
+test: lint validate-deploy test-py test-js
 
 # The benchmark of docs/benchmarks.md (minutes on 2 cores; run it on an otherwise idle machine).
 bench: setup models

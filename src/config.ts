@@ -5,6 +5,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
+import { isLoopback } from './gateway/roots';
 
 /** The package root: `src/config.ts` and `dist/config.js` both sit one level below it. */
 export const PACKAGE_ROOT = path.resolve(__dirname, '..');
@@ -29,27 +30,49 @@ const quantizationSchema = z.union([
   }),
 ]);
 
+// The exporter would take "host:4317" too, but silently guess plaintext or TLS: make it say.
+const otlpEndpoint = z
+  .string()
+  .trim()
+  .refine((url) => url === '' || /^https?:\/\/\S+$/.test(url), {
+    message: 'must be a URL such as http://127.0.0.1:4317 (http: plaintext, https: TLS), or empty',
+  });
+
+const TRACING_OFF = { otlpEndpoint: '', sidecarSpansFile: '' };
+
 export const configSchema = z.strictObject({
   listen: nonBlank,
   logLevel: z.enum(['error', 'warn', 'info', 'debug']),
   production: z.boolean(),
-  sidecar: z.strictObject({
-    // Empty: the gateway spawns its own sidecar; otherwise the address of one already running.
-    address: z.string(),
-    python: nonBlank,
-    startTimeoutMs: positiveInt,
-    // Keys added after the first release default, so older config files still load.
-    // Consecutive failed starts after a crash before the gateway gives up on its sidecar.
-    maxRestarts: nonNegativeInt.default(5),
-    // The wait before a restart doubles with each crash in a row, from this up to the max.
-    restartBackoffMs: positiveInt.default(500),
-    restartBackoffMaxMs: positiveInt.default(10000),
-    // A serving sidecar is asked for its health this often, each answer due within the timeout;
-    // after healthFailures misses in a row it counts as wedged and is killed and restarted.
-    healthIntervalMs: positiveInt.default(2000),
-    healthTimeoutMs: positiveInt.default(2000),
-    healthFailures: positiveInt.default(3),
-  }),
+  sidecar: z
+    .strictObject({
+      // Empty: the gateway spawns its own sidecar; otherwise the address of one already running.
+      address: z.string(),
+      python: nonBlank,
+      startTimeoutMs: positiveInt,
+      // Keys added after the first release default, so older config files still load.
+      // Consecutive failed starts after a crash before the gateway gives up on its sidecar.
+      maxRestarts: nonNegativeInt.default(5),
+      // The wait before a restart doubles with each crash in a row, from this up to the max.
+      restartBackoffMs: positiveInt.default(500),
+      restartBackoffMaxMs: positiveInt.default(10000),
+      // A serving sidecar is asked for its health this often, each answer due within the timeout;
+      // after healthFailures misses in a row it counts as wedged and is killed and restarted
+      // (a remote one, which the gateway cannot restart, counts as down until it answers again).
+      healthIntervalMs: positiveInt.default(2000),
+      healthTimeoutMs: positiveInt.default(2000),
+      healthFailures: positiveInt.default(3),
+      // A remote sidecar (`address` set): the PEM CA its certificate must chain to; empty: plaintext.
+      tlsCaFile: z.string().default(''),
+      // The environment variable holding the token sent to a remote sidecar on every call.
+      authTokenEnv: nonBlank.default('GOLEM_SIDECAR_TOKEN'),
+      // Plaintext to a sidecar beyond loopback; off, such an address needs tlsCaFile.
+      allowInsecure: z.boolean().default(false),
+    })
+    .superRefine((sidecar, ctx) => {
+      const problem = remoteSidecarProblem(sidecar);
+      if (problem) ctx.addIssue({ code: 'custom', path: [problem.key], message: problem.message });
+    }),
   defaults: z.strictObject({
     modelName: nonBlank,
     adapterPath: nonBlank,
@@ -123,9 +146,47 @@ export const configSchema = z.strictObject({
         });
       }
     }),
+  // Off unless given somewhere to send spans: no instrumentation is loaded at all.
+  tracing: z
+    .strictObject({
+      // An OTLP/gRPC collector: gateway and sidecar both export their spans there.
+      otlpEndpoint: otlpEndpoint.default(''),
+      // A debug exporter: the sidecar appends each of its finished spans here as a JSON line.
+      sidecarSpansFile: z.string().default(''),
+    })
+    .default(TRACING_OFF),
 });
 
 export type GolemConfig = z.infer<typeof configSchema>;
+
+interface RemoteSidecarKeys {
+  address: string;
+  tlsCaFile: string;
+  allowInsecure: boolean;
+}
+
+/**
+ * A half-configured link to a remote sidecar, by the key to fix: a CA with nothing to connect
+ * to, plaintext beyond loopback (the token and every prompt in the clear) unless allowInsecure
+ * says so, or allowInsecure beside a CA (which of the two was meant?).
+ */
+function remoteSidecarProblem(sidecar: RemoteSidecarKeys): { key: string; message: string } | undefined {
+  if (sidecar.tlsCaFile && !sidecar.address) {
+    return { key: 'tlsCaFile', message: 'applies to a remote sidecar only: set sidecar.address too' };
+  }
+  if (sidecar.tlsCaFile && sidecar.allowInsecure) {
+    return { key: 'allowInsecure', message: 'cannot be true with sidecar.tlsCaFile set (TLS is used)' };
+  }
+  if (sidecar.address && !isLoopback(sidecar.address) && !sidecar.tlsCaFile && !sidecar.allowInsecure) {
+    return {
+      key: 'tlsCaFile',
+      message:
+        `must name the CA to trust for a sidecar beyond loopback (${sidecar.address}), ` +
+        'or set sidecar.allowInsecure: true to connect in plaintext',
+    };
+  }
+  return undefined;
+}
 
 /** Thrown for an unreadable or invalid configuration; the message names the file and the key. */
 export class ConfigError extends Error {
@@ -141,6 +202,8 @@ const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]
   ['GOLEM_PRODUCTION', ['production'], 'boolean'],
   ['GOLEM_SIDECAR_ADDRESS', ['sidecar', 'address'], 'string'],
   ['GOLEM_PYTHON', ['sidecar', 'python'], 'string'],
+  ['GOLEM_SIDECAR_TLS_CA_FILE', ['sidecar', 'tlsCaFile'], 'string'],
+  ['GOLEM_SIDECAR_ALLOW_INSECURE', ['sidecar', 'allowInsecure'], 'boolean'],
   ['GOLEM_MODEL_NAME', ['defaults', 'modelName'], 'string'],
   ['GOLEM_ADAPTER_PATH', ['defaults', 'adapterPath'], 'string'],
   ['GOLEM_DEVICE', ['defaults', 'device'], 'string'],
@@ -149,6 +212,7 @@ const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]
   ['GOLEM_SHUTDOWN_GRACE_MS', ['limits', 'shutdownGraceMs'], 'integer'],
   ['GOLEM_TLS_CERT_FILE', ['security', 'tlsCertFile'], 'string'],
   ['GOLEM_TLS_KEY_FILE', ['security', 'tlsKeyFile'], 'string'],
+  ['GOLEM_OTLP_ENDPOINT', ['tracing', 'otlpEndpoint'], 'string'],
   ['GOLEM_METRICS_LISTEN', ['metrics', 'listen'], 'string'],
 ];
 

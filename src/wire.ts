@@ -12,7 +12,7 @@ export const AUTHORIZATION_KEY = 'authorization';
 /** The serialized google.rpc.Status (ErrorInfo, BadRequest, RetryInfo) of a failed call. */
 export const DETAILS_KEY = 'grpc-status-details-bin';
 
-/** Reserved for routing a call to the replica holding an adapter; nothing reads it yet. */
+/** The adapter a call is about, set by the CLI (src/cli/routing.ts) for a mesh to hash on; golem never reads it. */
 export const ADAPTER_ROUTING_KEY = 'x-golem-adapter';
 
 /** The `domain` of every ErrorInfo golem sends. */

@@ -5,16 +5,23 @@
  * next good request must still succeed. Every ExamService method has rows (a test fails when one
  * has none). To add a case, add a row to CASES.
  */
-import { status, type CallOptions } from '@grpc/grpc-js';
+import { status, type CallOptions, type ServiceError } from '@grpc/grpc-js';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseRequest } from '../src/cli/input';
 import { methodMessages } from '../src/contract';
-import { ExamServiceService, type ExamServiceClient } from '../src/gen/golem/exam/v1/exam';
+import type { ErrorDetails } from '../src/gateway/errors';
+import {
+  ExamServiceService,
+  type ExamServiceClient,
+  type GradeExamRequest,
+  type GradeExamResponse,
+} from '../src/gen/golem/exam/v1/exam';
 import { badAdapters, type BadAdapters } from './support/bad-adapters';
+import { badExams, type BadExams } from './support/bad-exams';
 import { buildCli, golem, serve, stopDaemon, type Daemon } from './support/daemon';
-import { examClient, rawCall, takeExam } from './support/grpc';
+import { examClient, gradeExam, rawCall, takeExam } from './support/grpc';
 import { tinyConfig, tinyModels, type TinyModels } from './support/tiny-models';
 
 type Code = keyof typeof status;
@@ -31,12 +38,20 @@ interface Expected {
 interface Fixtures {
   models: TinyModels;
   bad: BadAdapters;
+  /** Exam files; security.examRoots holds `exams.root`. */
+  exams: BadExams;
   /** A folder outside every root. */
   outside: string;
 }
 
-/** A call to the gateway: a request as its proto3 JSON, or raw bytes to any path. */
-type GrpcAttempt = { json: Record<string, unknown>; options?: Partial<CallOptions> } | { bytes: Buffer; path?: string };
+/**
+ * A call to the gateway: a request as its proto3 JSON, raw bytes to any path, or a GradeExam
+ * request through the generated client's stream.
+ */
+type GrpcAttempt =
+  | { json: Record<string, unknown>; options?: Partial<CallOptions> }
+  | { bytes: Buffer; path?: string }
+  | { grade: Partial<GradeExamRequest> };
 
 interface BadInputCase {
   name: string;
@@ -49,6 +64,13 @@ interface BadInputCase {
   /** What both answer; `cliExpect` when the CLI refuses the input itself, differently. */
   expect: Expected;
   cliExpect?: Expected;
+  /** Text the gRPC status message must contain. */
+  says?: (fx: Fixtures) => string[];
+  /**
+   * What a stream sent before the refusal (a GradeExam message by its oneof): nothing, unless
+   * the case says otherwise.
+   */
+  streamed?: string[];
 }
 
 // The exit code each status must give, written out rather than taken from src/cli/exit-codes.
@@ -124,6 +146,50 @@ function cliOnly(name: string, argument: string, field: string, reason = 'INVALI
 /** Raw bytes to a method, as a client that does not speak the contract would send. */
 function raw(name: string, method: MethodName, bytes: Buffer, expect: Expected): BadInputCase {
   return { name: `${method}: ${name}`, method, grpc: () => ({ bytes }), expect };
+}
+
+/**
+ * A GradeExam case, sent through the generated client and as `golem grade`. Cases with a resume
+ * file go over gRPC only: the command would cut the fixture's unfinished last line off first.
+ */
+function grade(
+  name: string,
+  request: (fx: Fixtures) => Partial<GradeExamRequest>,
+  expect: Expected,
+  more: Pick<BadInputCase, 'says' | 'streamed'> = {},
+): BadInputCase {
+  const gradeArgs = (fx: Fixtures): string[] => {
+    const r = request(fx);
+    return [
+      'grade',
+      r.examPath ?? '',
+      ...(r.includeBase ? ['--base'] : []),
+      ...(r.adapters ?? []).flatMap((adapter) => ['--adapter', adapter]),
+      ...(r.scorers ?? []).flatMap((scorer) => ['--scorer', scorer]),
+      ...(r.headerPath === undefined ? [] : ['--header', r.headerPath]),
+      ...(r.modelName === undefined ? [] : ['--model', r.modelName]),
+    ];
+  };
+  // A case naming a results file goes over gRPC only (see above).
+  const resumes = name.includes('results');
+  return {
+    name: `gradeExam: ${name}`,
+    method: 'gradeExam',
+    grpc: (fx) => ({ grade: request(fx) }),
+    ...(resumes ? {} : { cli: gradeArgs }),
+    expect,
+    ...more,
+  };
+}
+
+/** An exam file refused whole: the file with `:line` (when there is one) and `more` in the message. */
+function badExam(name: string, pick: (exams: BadExams) => string, line: number | undefined, ...more: string[]) {
+  return grade(
+    name,
+    (fx) => ({ examPath: pick(fx.exams), includeBase: true }),
+    { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'exam_path' },
+    { says: (fx) => [`${pick(fx.exams)}${line === undefined ? ':' : `:${line}:`}`, ...more] },
+  );
 }
 
 const invalidField = (field: string): Expected => ({ code: 'INVALID_ARGUMENT', reason: 'INVALID_FIELD', field });
@@ -358,6 +424,114 @@ const CASES: BadInputCase[] = [
     invalidField('max_new_tokens'),
   ),
 
+  // GradeExam: the exam file, checked whole before anything is sent (not even the plan).
+  badExam('line not JSON', (exams) => exams.notJson, 2, 'not valid JSON'),
+  badExam('answer a number', (exams) => exams.answerNumber, 3, 'field "answer"'),
+  badExam('exam without items', (exams) => exams.empty, undefined, 'no items'),
+  badExam('duplicate ids', (exams) => exams.duplicateIds, 3, 'field "id"', 'line 1'),
+  grade(
+    'unknown scorer in the request',
+    (fx) => ({ examPath: fx.exams.good, includeBase: true, scorers: ['exact_mach'] }),
+    { code: 'INVALID_ARGUMENT', reason: 'UNKNOWN_SCORER', field: 'scorers' },
+    { says: () => ["'exact_mach'", "did you mean 'exact_match'"] },
+  ),
+  // The header beside the exam (the request names none) stands for header_path.
+  grade(
+    'unknown scorer in the header',
+    (fx) => ({ examPath: fx.exams.unknownHeaderScorer, includeBase: true }),
+    { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'header_path' },
+    { says: (fx) => [`${fx.exams.headerUnknownScorer}:`, 'field "scorers[0]"', 'did you mean "exact_match"'] },
+  ),
+  grade(
+    'unknown template field in the header',
+    (fx) => ({ examPath: fx.exams.good, headerPath: fx.exams.headerUnknownTemplateField, includeBase: true }),
+    { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'header_path' },
+    { says: () => ['field "template"', '{questoin}', 'did you mean "question"'] },
+  ),
+  grade(
+    'exam file missing',
+    (fx) => ({ examPath: fx.exams.missing, includeBase: true }),
+    { code: 'NOT_FOUND', reason: 'EXAM_NOT_FOUND', field: 'exam_path' },
+    { says: (fx) => [fx.exams.missing] },
+  ),
+  grade('exam path a folder', (fx) => ({ examPath: fx.exams.folder, includeBase: true }), {
+    code: 'INVALID_ARGUMENT',
+    reason: 'EXAM_NOT_A_FILE',
+    field: 'exam_path',
+  }),
+  grade(
+    'exam outside security.examRoots',
+    (fx) => ({ examPath: fx.exams.outside, includeBase: true }),
+    outsideRoots('exam_path'),
+  ),
+  grade(
+    'exam symlink out of the roots',
+    (fx) => ({ examPath: fx.exams.symlinkOut, includeBase: true }),
+    outsideRoots('exam_path'),
+  ),
+  grade(
+    'exam path climbing out with ..',
+    (fx) => ({ examPath: fx.exams.dotDotOut, includeBase: true }),
+    outsideRoots('exam_path'),
+  ),
+  // The header found beside the exam stands for header_path, and is confined as it is.
+  grade(
+    'header beside the exam linking out of the roots',
+    (fx) => ({ examPath: fx.exams.leakyHeader, includeBase: true }),
+    outsideRoots('header_path'),
+  ),
+  grade(
+    'header outside security.examRoots',
+    (fx) => ({ examPath: fx.exams.good, headerPath: fx.exams.outsideHeader, includeBase: true }),
+    outsideRoots('header_path'),
+  ),
+  grade(
+    'results file outside security.examRoots',
+    (fx) => ({ examPath: fx.exams.good, resumePath: fx.exams.outsideResults, includeBase: true }),
+    outsideRoots('resume_path'),
+  ),
+  grade(
+    'adapter outside security.adapterRoots',
+    (fx) => ({ examPath: fx.exams.good, adapters: [fx.bad.outsideRoots] }),
+    outsideRoots('adapters'),
+  ),
+  grade(
+    'model outside security.modelRoots',
+    (fx) => ({ examPath: fx.exams.good, includeBase: true, modelName: path.join(fx.outside, 'model') }),
+    outsideRoots('model_name'),
+  ),
+  grade('no model at all', (fx) => ({ examPath: fx.exams.good }), invalidField('adapters')),
+  grade(
+    '9 adapters',
+    (fx) => ({ examPath: fx.exams.good, adapters: Array.from({ length: 9 }, (_, i) => `n${i}`) }),
+    invalidField('adapters'),
+  ),
+  grade('missing adapter folder', (fx) => ({ examPath: fx.exams.good, adapters: [fx.bad.missing] }), {
+    code: 'NOT_FOUND',
+    reason: 'ADAPTER_NOT_FOUND',
+    field: 'adapters',
+  }),
+  grade(
+    'results line not JSON, and not the last',
+    (fx) => ({ examPath: fx.exams.good, includeBase: true, resumePath: fx.exams.badResults }),
+    { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'resume_path' },
+    { says: (fx) => [`${fx.exams.badResults}:1:`] },
+  ),
+  grade(
+    'results line JSON but not an object',
+    (fx) => ({ examPath: fx.exams.good, includeBase: true, resumePath: fx.exams.resultsNotObject }),
+    { code: 'INVALID_ARGUMENT', reason: 'INVALID_EXAM', field: 'resume_path' },
+    { says: (fx) => [`${fx.exams.resultsNotObject}:1:`] },
+  ),
+  // Found mid-run, as the item's window is graded: the plan went out first, and the short item
+  // sharing the long one's window is never sent.
+  grade(
+    'item prompt longer than the context',
+    (fx) => ({ examPath: fx.exams.longPrompt, includeBase: true, adapters: [fx.models.adapter] }),
+    { code: 'INVALID_ARGUMENT', reason: 'PROMPT_TOO_LONG', field: 'exam_path' },
+    { says: (fx) => [`${fx.exams.longPrompt}:2:`, "'long'"], streamed: ['plan'] },
+  ),
+
   // The protocol, over gRPC only.
   {
     name: 'unknown method',
@@ -382,8 +556,29 @@ const CASES: BadInputCase[] = [
   },
 ];
 
-/** The gRPC call a case makes: its JSON encoded through the contract, or its bytes as they are. */
-function sendAttempt(address: string, c: BadInputCase, attempt: GrpcAttempt) {
+/** The kinds of a GradeExam stream's messages, by the oneof each one set. */
+const kinds = (messages: GradeExamResponse[]): string[] =>
+  messages.map((m) => Object.keys(m).find((k) => m[k as keyof GradeExamResponse] !== undefined) ?? '');
+
+/**
+ * The gRPC call a case makes: its JSON encoded through the contract, its bytes as they are, or a
+ * GradeExam request through the generated client. `streamed` names what came before the status.
+ */
+async function sendAttempt(
+  address: string,
+  c: BadInputCase,
+  attempt: GrpcAttempt,
+  client: ExamServiceClient,
+): Promise<{ error?: ServiceError; details?: ErrorDetails; streamed: string[] }> {
+  if ('grade' in attempt) {
+    const result = await gradeExam(client, attempt.grade, { deadline: Date.now() + 60000 });
+    return { ...result, streamed: kinds(result.messages) };
+  }
+  const result = await sendRaw(address, c, attempt);
+  return { ...result, streamed: result.messages.map(() => 'message') };
+}
+
+function sendRaw(address: string, c: BadInputCase, attempt: Exclude<GrpcAttempt, { grade: unknown }>) {
   const method = c.method && ExamServiceService[c.method];
   const target = ('path' in attempt && attempt.path) || method?.path;
   if (!target) throw new Error(`case "${c.name}" names no method`);
@@ -410,6 +605,7 @@ describe('bad-input matrix', () => {
     outside = mkdtempSync(path.join(os.tmpdir(), 'golem-outside-'));
     fx.bad = badAdapters(fx.models, dir, outside);
     fx.outside = outside;
+    fx.exams = badExams(path.join(dir, 'exam-files'));
     const config = tinyConfig(fx.models);
     const configFile = path.join(dir, 'golem.json');
     // The tiny models and the bad adapters (and the copied base) are inside; `outside` is not.
@@ -419,7 +615,7 @@ describe('bad-input matrix', () => {
       JSON.stringify({
         ...config,
         logLevel: 'info',
-        security: { ...config.security, adapterRoots: roots, modelRoots: roots },
+        security: { ...config.security, adapterRoots: roots, modelRoots: roots, examRoots: [fx.exams.root] },
       }),
     );
     daemon = serve(configFile);
@@ -470,12 +666,19 @@ describe('bad-input matrix', () => {
   });
 
   it.each(grpcCases.map((c) => [c.name, c] as const))('gRPC: %s', async (_name, c) => {
-    const result = await sendAttempt(address, c, (c.grpc as (fx: Fixtures) => GrpcAttempt)(fx));
+    const result = await sendAttempt(address, c, (c.grpc as (fx: Fixtures) => GrpcAttempt)(fx), client);
     expect(result.error && status[result.error.code]).toBe(c.expect.code);
     if (c.expect.reason !== undefined) expect(result.details?.reason).toBe(c.expect.reason);
     if (c.expect.field !== undefined)
       expect(result.details?.fieldViolations.map((v) => v.field)).toEqual([c.expect.field]);
+    for (const text of c.says?.(fx) ?? []) expect(result.error?.details).toContain(text);
+    expect(result.streamed).toEqual(c.streamed ?? []);
     await expectGoodRequestServed();
+    if (c.method === 'gradeExam') {
+      const good = await gradeExam(client, { examPath: fx.exams.good, includeBase: true });
+      expect(good.error).toBeUndefined();
+      expect(good.messages.at(-1)?.summary?.items).toBe(2);
+    }
   });
 
   it('still answers a good exam through the CLI after all of it', async () => {

@@ -2,8 +2,8 @@
  * Every ExamService method goes through the one gate. The methods are read from the generated
  * service definition and their request fields from the contract's descriptors, so an RPC added
  * to the proto is covered here without editing this file: it must echo the request id, refuse a
- * call without the token, refuse new calls once close has begun, and keep model and adapter paths
- * inside the configured roots. Also the gate's one log line per call, and caller text only at
+ * call without the token, refuse new calls once close has begun, and keep model, adapter and exam
+ * paths inside the configured roots. Also the gate's one log line per call, and caller text only at
  * debug level outside production.
  */
 import { Metadata, status } from '@grpc/grpc-js';
@@ -15,6 +15,7 @@ import { loadConfig, type GolemConfig } from '../src/config';
 import { methodMessages } from '../src/contract';
 import { startGateway, type Gateway } from '../src/gateway/server';
 import { ExamServiceService, TakeExamResponse } from '../src/gen/golem/exam/v1/exam';
+import { badExams, type BadExams } from './support/bad-exams';
 import { fakeSidecarPython } from './support/fake-sidecar-command';
 import { rawCall, type RawResult } from './support/grpc';
 import { captureLogs, type CapturedLogs } from './support/logs';
@@ -27,13 +28,13 @@ const METHODS = Object.values(ExamServiceService).map((m) => ({ path: m.path, re
 type Method = (typeof METHODS)[number];
 const names = METHODS.map((m) => [m.path.slice(m.path.lastIndexOf('/') + 1), m] as const);
 
-// The request fields that name a model or an adapter: each must stay inside its roots.
-const PATH_FIELDS = ['model_name', 'adapter_path', 'adapters'];
+// The request fields that name a model, an adapter or an exam's file: each must stay inside its roots.
+const PATH_FIELDS = ['model_name', 'adapter_path', 'adapters', 'exam_path', 'header_path', 'resume_path'];
 const TOKEN_ENV = 'GOLEM_GATE_TEST_TOKEN';
 const TOKEN = 'gate-test-token';
 
 /** A request that would pass every check but the one under test, filled in by field name. */
-function baseline(models: TinyModels): Record<string, JsonValue> {
+function baseline(models: TinyModels, exams: BadExams): Record<string, JsonValue> {
   return {
     name: 'walked',
     prompt: 'Instruction: Which genre is dune?\nResponse:',
@@ -42,6 +43,10 @@ function baseline(models: TinyModels): Record<string, JsonValue> {
     adapter_path: models.adapter,
     adapters: [models.adapter],
     max_new_tokens: 1,
+    exam_path: exams.good,
+    header_path: exams.goodHeader,
+    resume_path: exams.newResults,
+    include_base: true,
   };
 }
 
@@ -77,6 +82,8 @@ function withRequestId(id: string): Metadata {
 
 describe('the gate, walked over every ExamService method', () => {
   let models: TinyModels;
+  let exams: BadExams;
+  let examsDir: string;
   let root: string;
   let outside: string;
   let logs: CapturedLogs;
@@ -88,15 +95,21 @@ describe('the gate, walked over every ExamService method', () => {
     // The tiny model and its adapters share one folder: the roots.
     root = path.dirname(models.model);
     outside = mkdtempSync(path.join(os.tmpdir(), 'golem-gate-outside-'));
+    examsDir = mkdtempSync(path.join(os.tmpdir(), 'golem-gate-exams-'));
+    exams = badExams(examsDir);
     logs = captureLogs('debug');
     const tiny = tinyConfig(models);
-    config = { ...tiny, security: { ...tiny.security, modelRoots: [root], adapterRoots: [root] } };
+    config = {
+      ...tiny,
+      security: { ...tiny.security, modelRoots: [root], adapterRoots: [root], examRoots: [exams.root] },
+    };
     gateway = await startGateway(config, { logger: logs.logger });
   });
 
   afterAll(async () => {
     await gateway?.close();
     rmSync(outside, { recursive: true, force: true });
+    rmSync(examsDir, { recursive: true, force: true });
   });
 
   it('covers every method of the service', () => {
@@ -108,11 +121,11 @@ describe('the gate, walked over every ExamService method', () => {
     const given = await call(
       gateway.address,
       method,
-      requestBytes(method, baseline(models)),
+      requestBytes(method, baseline(models, exams)),
       withRequestId(`walk-${_name}`),
     );
     expect(given.headers?.get('x-request-id')).toEqual([`walk-${_name}`]);
-    const made = await call(gateway.address, method, requestBytes(method, baseline(models)));
+    const made = await call(gateway.address, method, requestBytes(method, baseline(models, exams)));
     expect(made.headers?.get('x-request-id')[0]).toMatch(/^[0-9a-f-]{36}$/);
   });
 
@@ -120,7 +133,12 @@ describe('the gate, walked over every ExamService method', () => {
     '%s: logs one info line when the call ends, with method, code, ms and request id',
     async (name, method) => {
       const id = `log-${name}`;
-      const { error } = await call(gateway.address, method, requestBytes(method, baseline(models)), withRequestId(id));
+      const { error } = await call(
+        gateway.address,
+        method,
+        requestBytes(method, baseline(models, exams)),
+        withRequestId(id),
+      );
       const info = logs.lines().filter((line) => line.request_id === id && line.level === 'info');
       expect(info).toHaveLength(1);
       expect(info[0]).toMatchObject({ message: 'call', method: method.path, code: status[error?.code ?? status.OK] });
@@ -141,6 +159,9 @@ describe('the gate, walked over every ExamService method', () => {
         'TakeExam.adapter_path',
         'LoadAdapter.adapter_path',
         'CompareAdapters.adapters',
+        'GradeExam.exam_path',
+        'GradeExam.header_path',
+        'GradeExam.resume_path',
       ]),
     );
   });
@@ -153,7 +174,7 @@ describe('the gate, walked over every ExamService method', () => {
       const { error, details } = await call(
         gateway.address,
         method,
-        requestBytes(method, { ...baseline(models), [fieldName]: value }),
+        requestBytes(method, { ...baseline(models, exams), [fieldName]: value }),
       );
       expect({ code: error && status[error.code], reason: details?.reason }).toEqual({
         code: 'PERMISSION_DENIED',
@@ -216,7 +237,7 @@ describe('the gate, walked over every ExamService method', () => {
     afterAll(async () => guarded?.close());
 
     it.each(names)('%s: a call without the token is UNAUTHENTICATED; with it, it is not', async (_name, method) => {
-      const bytes = requestBytes(method, baseline(models));
+      const bytes = requestBytes(method, baseline(models, exams));
       const refused = await call(guarded.address, method, bytes);
       expect(refused.error && status[refused.error.code]).toBe('UNAUTHENTICATED');
       expect(refused.details?.reason).toBe('UNAUTHENTICATED');

@@ -20,10 +20,14 @@ import shutil
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from golem_sidecar.config import ConfigError, SidecarConfig, load_config
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import configure_logging, keep_stderr_from_failing
+
+if TYPE_CHECKING:
+    from golem_sidecar.server import Sidecar
 
 log = logging.getLogger("golem_sidecar")
 # How long shutdown waits for the model thread after the last call has ended.
@@ -92,8 +96,18 @@ def _log_hub_policy(config: SidecarConfig) -> None:
 async def _serve(config: SidecarConfig, cleanup_dir: str | None) -> int:
     # Imported here so a bad config is reported before torch takes seconds to import.
     from golem_sidecar.server import Sidecar
+    from golem_sidecar.tracing import tracer_provider
 
-    sidecar = Sidecar(config)
+    provider = tracer_provider(config.tracing)
+    try:
+        return await _serve_sidecar(Sidecar(config, provider), config, cleanup_dir)
+    finally:
+        # Flushes the spans still batched; the stdin watch's os._exit skips it (and so loses them).
+        if provider is not None:
+            provider.shutdown()
+
+
+async def _serve_sidecar(sidecar: Sidecar, config: SidecarConfig, cleanup_dir: str | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

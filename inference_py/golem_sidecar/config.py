@@ -99,6 +99,43 @@ class Security:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Where the sidecar's spans go; both empty (the default): tracing is off and no
+    instrumentation is installed."""
+
+    # An OTLP/gRPC collector as a URL: http://HOST:4317 (plaintext) or https://... (TLS).
+    otlp_endpoint: str = ""
+    # A debug exporter: each finished span appended here as one JSON object per line (the SDK's
+    # ConsoleSpanExporter), to look at traces without a collector.
+    spans_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint or self.spans_file)
+
+
+@dataclass(frozen=True)
+class TlsKeyPair:
+    """The PEM server certificate chain and private key, read once when the config is loaded."""
+
+    cert_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Link:
+    """How a gateway on another host reaches this sidecar (``sidecar.*`` keys of its config)."""
+
+    # From sidecar.tlsCertFile and sidecar.tlsKeyFile; None: plaintext.
+    tls: TlsKeyPair | None = None
+    # The environment variable holding the token every ExamService call must carry; unset or
+    # empty there: no token is asked. Health and reflection stay open either way.
+    auth_token_env: str = "GOLEM_SIDECAR_TOKEN"
+    # Plaintext on an address beyond loopback; off, such an address needs TLS.
+    allow_insecure: bool = False
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """Everything the sidecar needs to serve."""
 
@@ -109,8 +146,10 @@ class SidecarConfig:
     defaults: Defaults = field(default_factory=Defaults)
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
+    tracing: Tracing = field(default_factory=Tracing)
     # Load the default base (and its adapter) before reporting SERVING.
     preload: bool = True
+    link: Link = field(default_factory=Link)
 
     def __post_init__(self) -> None:
         if self.defaults.max_new_tokens > self.limits.max_new_tokens_cap:
@@ -196,6 +235,19 @@ _QUANTIZATION_KEYS = (
 )
 
 
+def _tracing(raw: dict[str, Any]) -> Tracing:
+    section = _section(raw, "tracing")
+    endpoint = _get(section, "otlpEndpoint", "tracing", str, "").strip()
+    # The exporter would take "host:4317" too, but silently guess plaintext or TLS: make it say.
+    if endpoint and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(
+            "tracing.otlpEndpoint: expected a URL such as http://127.0.0.1:4317 "
+            f"(http: plaintext, https: TLS), got {json.dumps(endpoint)}"
+        )
+    spans_file = _get(section, "sidecarSpansFile", "tracing", str, "")
+    return Tracing(otlp_endpoint=endpoint, spans_file=spans_file)
+
+
 def normalize_compute_dtype(name: str) -> str | None:
     """ "torch.float16" and "float16" name the same dtype; None when it is not one we accept."""
     short = name.strip().removeprefix("torch.")
@@ -254,15 +306,50 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         allow_hub_downloads=_get(sec, "allowHubDownloads", "security", bool, False),
     )
     side = _section(raw, "sidecar")
+    listen = listen or _get(side, "listen", "sidecar", str, SidecarConfig.listen)
     return SidecarConfig(
-        listen=listen or _get(side, "listen", "sidecar", str, SidecarConfig.listen),
+        listen=listen,
         log_level=_get(raw, "logLevel", "config", str, "info"),
         production=_get(raw, "production", "config", bool, False),
         defaults=defaults,
         limits=limits,
         security=security,
+        tracing=_tracing(raw),
         preload=_get(side, "preload", "sidecar", bool, True),
+        link=_link(side, listen),
     )
+
+
+def _link(side: dict[str, Any], listen: str) -> Link:
+    cert = _get(side, "tlsCertFile", "sidecar", str, "")
+    key = _get(side, "tlsKeyFile", "sidecar", str, "")
+    if bool(cert) != bool(key):
+        missing, given = ("tlsKeyFile", "tlsCertFile") if cert else ("tlsCertFile", "tlsKeyFile")
+        raise ConfigError(
+            f"sidecar.{missing}: must be set together with sidecar.{given} (TLS needs both)"
+        )
+    allow_insecure = _get(side, "allowInsecure", "sidecar", bool, False)
+    # Plaintext beyond loopback would carry the token and every prompt in the clear.
+    if not cert and not allow_insecure and not is_loopback(listen):
+        raise ConfigError(
+            f"sidecar.tlsCertFile: listening beyond loopback ({listen}) needs TLS: set "
+            "sidecar.tlsCertFile and sidecar.tlsKeyFile, or sidecar.allowInsecure: true "
+            "to serve plaintext"
+        )
+    token_env = _get(side, "authTokenEnv", "sidecar", str, Link.auth_token_env).strip()
+    if not token_env:
+        raise ConfigError("sidecar.authTokenEnv: must name an environment variable")
+    tls = None
+    if cert:
+        tls = TlsKeyPair(_read_pem(cert, "tlsCertFile"), _read_pem(key, "tlsKeyFile"))
+    return Link(tls=tls, auth_token_env=token_env, allow_insecure=allow_insecure)
+
+
+def _read_pem(path: str, key: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"sidecar.{key}: cannot read {path}: {exc.strerror}") from None
 
 
 def load_config(path: str | None, inline_json: str | None, listen: str | None) -> SidecarConfig:
@@ -272,7 +359,8 @@ def load_config(path: str | None, inline_json: str | None, listen: str | None) -
     elif path is not None:
         text, origin = Path(path).read_text(encoding="utf-8"), path
     else:
-        return SidecarConfig(listen=listen or SidecarConfig.listen)
+        # No file: every default, still checked (a bare --listen beyond loopback needs TLS).
+        return parse_config({}, listen)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -454,7 +454,8 @@ def _kind(value: Any) -> str:
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
     if value is None:
         return "nothing"
-    return names.get(type(value), f"a {type(value).__name__}")
+    name = type(value).__name__
+    return names.get(type(value), f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
 
 
 # --- identity -----------------------------------------------------------------------------

@@ -161,8 +161,10 @@ def _header(exam_path: Path, header_path: Path | None, config: SidecarConfig) ->
     try:
         if header_path is None:
             header_path = default_header_path(exam_path)
-        if header_path is None:
-            return ExamHeader(name=exam_path.stem)
+            if header_path is None:
+                return ExamHeader(name=exam_path.stem)
+            # Found by the exam's stem, it may still be a link out of the roots.
+            confine(str(header_path), config.security.exam_roots, "header_path")
         return read_header(
             header_path,
             default_name=exam_path.stem,

@@ -1,7 +1,7 @@
-"""What every ExamService call goes through, whatever its handler: the request id, the shutdown
-gate (with its grace period), error mapping, a log line and its metrics. A handler holds only its
-own logic and raises GolemError to refuse; an RPC added later gets all of this without a line of
-its own.
+"""What every ExamService call goes through, whatever its handler: the request id, the bearer
+token (when one is set), the shutdown gate (with its grace period), error mapping, a log line and
+its metrics. A handler holds only its own logic and raises GolemError to refuse; an RPC added
+later gets all of this without a line of its own.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
+from golem_sidecar.auth import BearerCheck
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import REQUEST_ID
 from golem_sidecar.metrics import SidecarMetrics, mark_arrival
 from golem_sidecar.shutdown import CallGate
+from golem_sidecar.tracing import record_error, record_operation
 from golem_sidecar.wire import EXAM_SERVICE_NAME, REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,16 @@ def as_golem_error(exc: Exception) -> GolemError:
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every ExamService method handler (health and reflection pass untouched)."""
 
-    def __init__(self, gate: CallGate, metrics: SidecarMetrics) -> None:
+    def __init__(
+        self, gate: CallGate, metrics: SidecarMetrics, bearer: BearerCheck | None = None
+    ) -> None:
         self._gate = gate
         self._metrics = metrics
+        self._bearer = bearer
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self._bearer is not None:
+            self._bearer.verify(context.invocation_metadata())
 
     async def intercept_service(
         self,
@@ -91,8 +100,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             REQUEST_ID.set(request_id(context))
             mark_arrival(_label(name))
+            record_operation(name)
             started = time.perf_counter()
             try:
+                self._authenticate(context)
                 # Shutdown refuses new calls here, and ends those still running when grace ends.
                 with self._gate.admit():
                     response = await self._gate.until_expiry(behaviour(request, context))
@@ -113,10 +124,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         ) -> AsyncGenerator[Any, None]:
             REQUEST_ID.set(request_id(context))
             mark_arrival(_label(name))
+            record_operation(name)
             started = time.perf_counter()
             stream = behaviour(request, context)
             counted = False
             try:
+                self._authenticate(context)
                 with self._gate.admit():
                     while True:
                         try:
@@ -142,6 +155,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         _log_finished(name, error.code.name, started)
         self._count(name, error.code, started)
+        record_error(error)
         await context.abort_with_status(error.to_status())
 
     def _finished(self, name: str, started: float) -> None:

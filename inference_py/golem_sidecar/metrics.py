@@ -29,7 +29,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from golem_sidecar.auth import BearerCheck
 from golem_sidecar.config import Limits
+from golem_sidecar.errors import GolemError
 from golem_sidecar.gen import metrics_pb2, metrics_pb2_grpc
 from golem_sidecar.placement import Placement
 
@@ -270,12 +272,19 @@ def _read_settled(read: Callable[[], EngineLoad]) -> EngineLoad:
 
 
 class MetricsServicer(metrics_pb2_grpc.SidecarMetricsServiceServicer):
-    """SidecarMetricsService: the gateway's way to read this sidecar's metrics."""
+    """SidecarMetricsService: the gateway's way to read this sidecar's metrics. It asks for the
+    sidecar's bearer token as ExamService does: its labels name models and adapter paths."""
 
-    def __init__(self, metrics: SidecarMetrics) -> None:
+    def __init__(self, metrics: SidecarMetrics, bearer: BearerCheck | None = None) -> None:
         self._metrics = metrics
+        self._bearer = bearer
 
     async def Scrape(
         self, request: metrics_pb2.ScrapeRequest, context: grpc.aio.ServicerContext
     ) -> metrics_pb2.ScrapeResponse:
+        if self._bearer is not None:
+            try:
+                self._bearer.verify(context.invocation_metadata())
+            except GolemError as refused:
+                await context.abort_with_status(refused.to_status())
         return metrics_pb2.ScrapeResponse(text=self._metrics.render())

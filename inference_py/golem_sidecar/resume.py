@@ -78,11 +78,14 @@ def _index_lines(f: Any, name: str, offsets: dict[str, int]) -> None:
 def _key(raw: bytes, name: str, number: int) -> str:
     try:
         record = json.loads(raw)
+        # ParseDict takes any JSON value and fails on a non-object with a TypeError.
+        if not isinstance(record, dict):
+            raise ValueError("a line must be a JSON object")
         json_format.ParseDict(record, exam_pb2.ItemResult(), ignore_unknown_fields=True)
     except (ValueError, json_format.ParseError) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ExamError(name, number, None, f"not an ItemResult in JSON ({problem})") from None
-    key = record.get("key") if isinstance(record, dict) else None
+    key = record.get("key")
     if not isinstance(key, str) or not key:
         raise ExamError(name, number, "key", "must be a non-empty string")
     return key

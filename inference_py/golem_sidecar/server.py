@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from golem_sidecar.adapters import AdapterFolder
+from golem_sidecar.auth import BearerCheck
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
-from golem_sidecar.config import SidecarConfig, confined_beyond_loopback
+from golem_sidecar.config import SidecarConfig, confined_beyond_loopback, is_loopback
 from golem_sidecar.engine import ExamEngine
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gate import FileChecks
@@ -30,6 +32,14 @@ from golem_sidecar.models import ResidentBase
 from golem_sidecar.registry import resolve_load, resolve_unload
 from golem_sidecar.session import ExamResult
 from golem_sidecar.shutdown import CallGate
+from golem_sidecar.tracing import (
+    record_adapter,
+    record_compare,
+    record_exam,
+    record_generation,
+    record_grade,
+    server_interceptors,
+)
 from golem_sidecar.wire import EXAM_SERVICE_NAME as SERVICE_NAME
 
 log = logging.getLogger(__name__)
@@ -85,6 +95,7 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         self, request: exam_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.LoadAdapterResponse:
         spec = await self._resolve(resolve_load, request)
+        record_adapter(spec.name, spec.model)
         base, attached, load_ns = await self._engine.load_adapter(spec)
         resident = _resident(base, attached, base.adapters[attached], base.uses[attached])
         log.info("adapter loaded", extra={"adapter": attached, "path": spec.folder.path})
@@ -93,7 +104,9 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
     async def UnloadAdapter(
         self, request: exam_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> exam_pb2.UnloadAdapterResponse:
-        await self._engine.unload_adapter(await self._resolve(resolve_unload, request))
+        spec = await self._resolve(resolve_unload, request)
+        record_adapter(spec.name, spec.model)
+        await self._engine.unload_adapter(spec)
         return exam_pb2.UnloadAdapterResponse()
 
     async def ListAdapters(
@@ -111,12 +124,14 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
     ) -> exam_pb2.CompareAdaptersResponse:
         spec = await self._resolve(resolve_compare, request)
         table = await self._engine.compare(spec, threading.Event())
+        record_compare(spec, [len(a.row.generated) for answers in table for a in answers])
         return _comparison_response(spec.prompts, table)
 
     async def GradeExam(
         self, request: exam_pb2.GradeExamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[exam_pb2.GradeExamResponse]:
         spec = await self._resolve(resolve_grade, request)
+        record_grade(spec)
         log.info(
             "exam grading",
             extra={"exam": str(spec.exam_path), "models": [m.label for m in spec.models]},
@@ -135,8 +150,10 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
         self, request: exam_pb2.TakeExamRequest, on_text: Callable[[str], None] | None
     ) -> ExamResult:
         spec = await self._resolve(resolve_exam, request)
+        record_exam(spec)
         self._debug_text("exam received", prompt=spec.prompt)
         result = await self._engine.take_exam(spec, threading.Event(), on_text)
+        record_generation(result.generation)
         self._log_result(result)
         return result
 
@@ -241,9 +258,12 @@ def to_response(result: ExamResult) -> exam_pb2.TakeExamResponse:
 
 
 class Sidecar:
-    """A running sidecar: the server, its health and its engine."""
+    """A running sidecar: the server, its health and its engine. With a tracer provider (the
+    process's, see tracing.py) every ExamService call gets a server span."""
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(
+        self, config: SidecarConfig, tracer_provider: TracerProvider | None = None
+    ) -> None:
         config = confined_beyond_loopback(config)
         self.config = config
         self.metrics = SidecarMetrics(config.limits)
@@ -253,9 +273,14 @@ class Sidecar:
         self.files = FileChecks()
         self.health = health.aio.HealthServicer()
         size = config.limits.max_message_bytes
+        bearer = BearerCheck.from_environment(config.link.auth_token_env)
+        _log_security(config, bearer is not None)
         # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before parsing any of it.
         self.server = grpc.aio.server(
-            interceptors=[CallInterceptor(self.gate, self.metrics)],
+            interceptors=[
+                *server_interceptors(tracer_provider),
+                CallInterceptor(self.gate, self.metrics, bearer),
+            ],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -267,12 +292,12 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # Left out of reflection: it is the gateway's, not the callers'.
         metrics_pb2_grpc.add_SidecarMetricsServiceServicer_to_server(
-            MetricsServicer(self.metrics), self.server
+            MetricsServicer(self.metrics, bearer), self.server
         )
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(config.listen)
+        self.port = _bind(self.server, config)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -298,3 +323,26 @@ class Sidecar:
         await self.server.stop(_FLUSH_S)
         await self.engine.close()
         self.files.close()
+
+
+def _bind(server: grpc.aio.Server, config: SidecarConfig) -> int:
+    """Adds the listening port: TLS when sidecar.tlsCertFile and tlsKeyFile are set."""
+    tls = config.link.tls
+    if tls is None:
+        return server.add_insecure_port(config.listen)
+    # No client certificates: the gateway proves itself with the bearer token.
+    credentials = grpc.ssl_server_credentials([(tls.private_key, tls.cert_chain)])
+    return server.add_secure_port(config.listen, credentials)
+
+
+def _log_security(config: SidecarConfig, bearer: bool) -> None:
+    # Said once at start; the token's variable is named, its value never.
+    tls = config.link.tls is not None
+    extra = {"tls": tls, "bearer_auth": bearer, "token_env": config.link.auth_token_env}
+    log.info("sidecar security", extra=extra)
+    if not is_loopback(config.listen) and not (tls and bearer):
+        log.warning(
+            "listening beyond loopback without TLS and a bearer token: anyone who can reach "
+            "the port can call it",
+            extra={"listen": config.listen, **extra},
+        )

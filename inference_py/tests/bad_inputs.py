@@ -1,6 +1,6 @@
 """Builds the broken and escaping model folders that the bad-input tests throw at the sidecar, from
-the tiny models of tiny_models.py, and lays the adapters of bad_adapters.py (shared with the
-gateway's suite) inside a confined sidecar's adapter root."""
+the tiny models of tiny_models.py, and lays the adapters of bad_adapters.py and the exams of
+bad_exams.py (both shared with the gateway's suite) inside a confined sidecar's roots."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from tests.bad_adapters import build_bad_adapters
+from tests.bad_exams import build_bad_exams
 from tests.tiny_models import build_gpt2
 
 
@@ -60,8 +61,8 @@ def _broken_models(tiny: dict[str, str], root: Path) -> dict[str, str]:
 
 def _confined(tiny: dict[str, str], root: Path) -> dict[str, str]:
     """Roots for a confined sidecar with a good model and adapter inside them, every bad adapter of
-    bad_adapters.py inside the adapter root too (escapes lead to ``root/outside``), and ways out
-    for models."""
+    bad_adapters.py inside the adapter root too (escapes lead to ``root/outside``), every exam of
+    bad_exams.py in its exam root (``exam_root``), and ways out for models."""
     models, adapters = root / "roots" / "models", root / "roots" / "adapters"
     model = Path(shutil.copytree(tiny["model"], models / "model"))
     bad_adapters = build_bad_adapters(tiny, adapters, root / "outside")
@@ -69,6 +70,7 @@ def _confined(tiny: dict[str, str], root: Path) -> dict[str, str]:
     (models / "escape").symlink_to(tiny["model"], target_is_directory=True)
     return {
         **bad_adapters,
+        **build_bad_exams(root / "exam_files"),
         "model_root": str(models),
         "adapter_root": str(adapters),
         "confined_model": str(model),

@@ -27,6 +27,7 @@ R = exam_pb2.TakeExamRequest
 L = exam_pb2.LoadAdapterRequest
 U = exam_pb2.UnloadAdapterRequest
 C = exam_pb2.CompareAdaptersRequest
+G = exam_pb2.GradeExamRequest
 Q = exam_pb2.Quantization
 Code = grpc.StatusCode
 # Paths by name: the tiny fixtures' and tests/bad_inputs.py's.
@@ -50,6 +51,11 @@ class Case:
     after: Callable[[Paths], bool] | None = None
     # The ExamService method the request goes to.
     rpc: str = "TakeExam"
+    # Text the message must contain, by the case's paths.
+    says: Callable[[Paths], tuple[str, ...]] | None = None
+    # What a stream sent before the refusal, by each message's oneof: nothing for a request
+    # refused before any work starts.
+    streamed: tuple[str, ...] = ()
 
 
 def invalid(name: str, field: str, **request: object) -> Case:
@@ -108,6 +114,48 @@ def other(
 ) -> Case:
     """A case for an RPC other than TakeExam."""
     return Case(name, request, code, reason, field, confined=confined, rpc=rpc)
+
+
+def grade(
+    name: str,
+    request: Callable[[Paths], Message],
+    code: grpc.StatusCode,
+    reason: str,
+    field: str,
+    says: Callable[[Paths], tuple[str, ...]] | None = None,
+    confined: bool = False,
+    streamed: tuple[str, ...] = (),
+) -> Case:
+    """A GradeExam case; the exam files are bad_exams.py's, by key."""
+    return Case(
+        f"grade: {name}",
+        request,
+        code,
+        reason,
+        field,
+        confined=confined,
+        rpc="GradeExam",
+        says=says,
+        streamed=streamed,
+    )
+
+
+def exam_file(p: Paths, key: str) -> str:
+    """The file as the sidecar names it in messages: resolved."""
+    return str(Path(p[key]).resolve())
+
+
+def bad_exam(name: str, key: str, line: int | None, *more: str) -> Case:
+    """An exam file the sidecar refuses whole, naming the file, the line and ``more``."""
+    where = ":" if line is None else f":{line}:"
+    return grade(
+        name,
+        lambda p: G(exam_path=p[key], include_base=True),
+        Code.INVALID_ARGUMENT,
+        "INVALID_EXAM",
+        "exam_path",
+        lambda p: (exam_file(p, key) + where, *more),
+    )
 
 
 FP, NF = Code.FAILED_PRECONDITION, Code.NOT_FOUND
@@ -272,6 +320,76 @@ CASES = [
            rpc="CompareAdapters", prompts=["q"]),
     escape("compare: model outside the roots", "model", "model_name", rpc="CompareAdapters",
            prompts=["q"], adapters=["$confined_adapter"]),
+    # GradeExam: the exam file, checked whole before anything is sent, not even the plan
+    bad_exam("line not JSON", "exam_not_json", 2, "not valid JSON"),
+    bad_exam("answer a number", "exam_answer_number", 3, 'field "answer"'),
+    bad_exam("exam without items", "exam_empty", None, "no items"),
+    bad_exam("duplicate ids", "exam_duplicate_ids", 3, 'field "id"', "line 1"),
+    grade("unknown scorer in the request",
+          lambda p: G(exam_path=p["good_exam"], include_base=True, scorers=["exact_mach"]),
+          Code.INVALID_ARGUMENT, "UNKNOWN_SCORER", "scorers",
+          lambda p: ("'exact_mach'", "did you mean 'exact_match'")),
+    # The header beside the exam (the request names none) stands for header_path.
+    grade("unknown scorer in the header",
+          lambda p: G(exam_path=p["exam_unknown_header_scorer"], include_base=True),
+          Code.INVALID_ARGUMENT, "INVALID_EXAM", "header_path",
+          lambda p: (exam_file(p, "header_unknown_scorer") + ":", 'field "scorers[0]"',
+                     'did you mean "exact_match"')),
+    grade("unknown template field in the header",
+          lambda p: G(exam_path=p["good_exam"], header_path=p["header_unknown_template_field"],
+                      include_base=True),
+          Code.INVALID_ARGUMENT, "INVALID_EXAM", "header_path",
+          lambda p: ('field "template"', "{questoin}", 'did you mean "question"')),
+    grade("exam file missing", lambda p: G(exam_path=p["exam_missing"], include_base=True),
+          NF, "EXAM_NOT_FOUND", "exam_path", lambda p: (p["exam_missing"],)),
+    grade("missing exam inside the roots",
+          lambda p: G(exam_path=p["exam_missing"], include_base=True),
+          NF, "EXAM_NOT_FOUND", "exam_path", confined=True),
+    grade("exam path a folder", lambda p: G(exam_path=p["exam_folder"], include_base=True),
+          Code.INVALID_ARGUMENT, "EXAM_NOT_A_FILE", "exam_path"),
+    escape("grade: exam outside the roots", "outside_exam", "exam_path", rpc="GradeExam",
+           include_base=True),
+    escape("grade: exam escaping by symlink", "exam_symlink", "exam_path", rpc="GradeExam",
+           include_base=True),
+    escape("grade: exam escaping with ..", "exam_dotdot", "exam_path", rpc="GradeExam",
+           include_base=True),
+    # The header found beside the exam is confined too: it stands for header_path.
+    grade("header beside the exam escaping by symlink",
+          lambda p: G(exam_path=p["exam_leaky_header"], include_base=True),
+          Code.PERMISSION_DENIED, "PATH_OUTSIDE_ROOTS", "header_path", confined=True),
+    escape("grade: header outside the roots", "outside_header", "header_path", rpc="GradeExam",
+           exam_path="$good_exam", include_base=True),
+    escape("grade: results outside the roots", "outside_results", "resume_path", rpc="GradeExam",
+           exam_path="$good_exam", include_base=True),
+    escape("grade: adapter outside the roots", "adapter_dotdot", "adapters", rpc="GradeExam",
+           exam_path="$good_exam"),
+    escape("grade: model outside the roots", "model", "model_name", rpc="GradeExam",
+           exam_path="$good_exam", include_base=True),
+    # GradeExam: the models
+    grade("no model at all", lambda p: G(exam_path=p["good_exam"]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "adapters"),
+    grade("9 adapters", lambda p: G(exam_path=p["good_exam"], adapters=[f"n{i}" for i in range(9)]),
+          Code.INVALID_ARGUMENT, "INVALID_FIELD", "adapters"),
+    grade("missing adapter folder",
+          lambda p: G(exam_path=p["good_exam"], adapters=["/no/such/adapter"]),
+          NF, "ADAPTER_NOT_FOUND", "adapters"),
+    # GradeExam: the results file to resume from
+    grade("results line not JSON, and not the last",
+          lambda p: G(exam_path=p["good_exam"], include_base=True, resume_path=p["bad_results"]),
+          Code.INVALID_ARGUMENT, "INVALID_EXAM", "resume_path",
+          lambda p: (exam_file(p, "bad_results") + ":1:",)),
+    grade("results line JSON but not an object",
+          lambda p: G(exam_path=p["good_exam"], include_base=True,
+                      resume_path=p["results_not_object"]),
+          Code.INVALID_ARGUMENT, "INVALID_EXAM", "resume_path",
+          lambda p: (exam_file(p, "results_not_object") + ":1:",)),
+    # Found mid-run, as the item's window is graded: the plan went out first, and the short
+    # item sharing the long one's window is never sent.
+    grade("item prompt longer than the context",
+          lambda p: G(exam_path=p["exam_long_prompt"], include_base=True,
+                      adapters=[p["adapter"]]),
+          Code.INVALID_ARGUMENT, "PROMPT_TOO_LONG", "exam_path",
+          lambda p: (exam_file(p, "exam_long_prompt") + ":2:", "'long'"), streamed=("plan",)),
 ]
 # fmt: on
 
@@ -291,7 +409,8 @@ def _marks(case: Case) -> list[pytest.MarkDecorator]:
 
 @pytest_asyncio.fixture(scope="module")
 async def confined(bad: Paths) -> AsyncIterator[grpc.aio.Channel]:
-    """A sidecar that may read models and adapters only under the roots of bad_inputs.py."""
+    """A sidecar that may read models, adapters and exams only under the roots of
+    bad_inputs.py."""
     config = SidecarConfig(
         listen="127.0.0.1:0",
         defaults=Defaults(
@@ -305,6 +424,7 @@ async def confined(bad: Paths) -> AsyncIterator[grpc.aio.Channel]:
         security=Security(
             adapter_roots=(Path(bad["adapter_root"]).resolve(),),
             model_roots=(Path(bad["model_root"]).resolve(),),
+            exam_roots=(Path(bad["exam_root"]).resolve(),),
         ),
     )
     server = Sidecar(config)
@@ -314,16 +434,24 @@ async def confined(bad: Paths) -> AsyncIterator[grpc.aio.Channel]:
     await server.stop(0)
 
 
-async def call(channel: grpc.aio.Channel, rpc: str, request: Message | bytes) -> None:
-    """Calls any ExamService method with a message or raw bytes, reading a stream to its end."""
+async def call(
+    channel: grpc.aio.Channel, rpc: str, request: Message | bytes, streamed: list[str]
+) -> None:
+    """Calls any ExamService method with a message or raw bytes, reading a stream to its end;
+    each streamed message's oneof (or type) goes into ``streamed``."""
     method = EXAM_SERVICE.methods_by_name[rpc]
     path = f"/{EXAM_SERVICE.full_name}/{rpc}"
     serialize = (lambda b: b) if isinstance(request, bytes) else type(request).SerializeToString
     if method.server_streaming:
-        async for _ in channel.unary_stream(path, request_serializer=serialize)(
-            request, timeout=60
-        ):
-            pass
+        output = getattr(exam_pb2, method.output_type.name)
+        stream = channel.unary_stream(
+            path, request_serializer=serialize, response_deserializer=output.FromString
+        )
+        async for message in stream(request, timeout=60):
+            oneofs = message.DESCRIPTOR.oneofs
+            streamed.append(
+                (message.WhichOneof(oneofs[0].name) or "") if oneofs else message.DESCRIPTOR.name
+            )
     else:
         await channel.unary_unary(path, request_serializer=serialize)(request, timeout=60)
 
@@ -343,12 +471,25 @@ async def test_bad_request_is_refused_and_the_sidecar_still_answers(
 ) -> None:
     paths = {**tiny, **bad, **hostile}
     target = confined if case.confined else channel
+    streamed: list[str] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call(target, case.rpc, case.request(paths))
+        await call(target, case.rpc, case.request(paths), streamed)
     got = failure(info.value)
     assert (got.code, got.reason) == (case.code, case.reason), got.message
     assert got.fields == ((case.field,) if case.field else ())
     assert got.message, "every refusal says why"
+    for text in case.says(paths) if case.says else ():
+        assert text in got.message, (text, got.message)
+    assert tuple(streamed) == case.streamed
     assert case.after is None or case.after(paths)
-    after = await exam_pb2_grpc.ExamServiceStub(target).TakeExam(R(max_new_tokens=2), timeout=60)
+    stub = exam_pb2_grpc.ExamServiceStub(target)
+    after = await stub.TakeExam(R(max_new_tokens=2), timeout=60)
     assert after.answer_tokens > 0
+    if case.rpc == "GradeExam":
+        graded = [
+            m
+            async for m in stub.GradeExam(
+                G(exam_path=paths["good_exam"], include_base=True), timeout=60
+            )
+        ]
+        assert graded[-1].summary.items == 2, graded[-1]

@@ -21,12 +21,23 @@ from golem_sidecar.config import Limits, Security
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.server import Sidecar
 from golem_sidecar.wire import EXAM_SERVICE, REQUEST_ID_KEY
+from tests.bad_exams import build_bad_exams
 from tests.conftest import CAP, tiny_config
 from tests.rpc import failure
 
 Stub = exam_pb2_grpc.ExamServiceStub
-# Request fields that name a model or an adapter: each must be confined on every method.
-PATH_FIELDS = ("model_name", "adapter_path", "adapters")
+# Request fields that name a model, an adapter or an exam's file: each must be confined on every
+# method, by field name to the key of its good path in the walk's fixtures.
+PATH_FIELDS = {
+    "model_name": "model",
+    "adapter_path": "adapter",
+    "adapters": "adapter",
+    "exam_path": "exam",
+    "header_path": "header",
+    "resume_path": "results",
+}
+# A missing resume file means nothing to resume: only confinement applies to it.
+MAY_BE_MISSING = ("resume_path",)
 
 
 def _request(method_name: str, paths: dict[str, str], **hostile: object) -> Message:
@@ -41,6 +52,10 @@ def _request(method_name: str, paths: dict[str, str], **hostile: object) -> Mess
         "adapter_path": paths["adapter"],
         "adapters": [paths["adapter"]],
         "max_new_tokens": 2,
+        "exam_path": paths["exam"],
+        "header_path": paths["header"],
+        "resume_path": paths["results"],
+        "include_base": True,
     }
     fields = {f.name for f in method.input_type.fields}
     values = {k: v for k, v in {**fill, **hostile}.items() if k in fields}
@@ -63,20 +78,34 @@ async def _call(channel: grpc.aio.Channel, method_name: str, request: Message) -
         )
 
 
+def _walk_exam(root: Path) -> dict[str, str]:
+    """The good exam of bad_exams.py, its header and a results file not written yet, by the
+    keys _request fills GradeExam from; ``outside_exam`` lies beyond their folder."""
+    exams = build_bad_exams(root / "exams")
+    return {
+        "exam": exams["good_exam"],
+        "header": exams["good_header"],
+        "results": exams["new_results"],
+        "outside_exam": exams["outside_exam"],
+    }
+
+
 @pytest_asyncio.fixture(scope="module")
 async def confined(tiny: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """A sidecar whose roots hold copies of the tiny model and adapter; the originals are
-    outside them."""
+    """A sidecar whose roots hold copies of the tiny model and adapter, and the walk's exam
+    files (_walk_exam); the originals and ``outside_exam`` are outside them."""
     root = tmp_path_factory.mktemp("walk")
     inside = {
         "model": str(shutil.copytree(tiny["model"], root / "models" / "model")),
         "adapter": str(shutil.copytree(tiny["adapter"], root / "adapters" / "adapter")),
+        **_walk_exam(root),
     }
     config = replace(
         tiny_config(tiny),
         security=Security(
             adapter_roots=((root / "adapters").resolve(),),
             model_roots=((root / "models").resolve(),),
+            exam_roots=(Path(inside["exam"]).parent.resolve(),),
         ),
     )
     config = replace(
@@ -110,8 +139,10 @@ async def test_every_method_passes_the_gate(
     finished = [r for r in caplog.records if r.getMessage() == "call finished"]
     assert any(getattr(r, "method", None) == method for r in finished), "no interceptor line"
     fields = {f.name for f in EXAM_SERVICE.methods_by_name[method].input_type.fields}
+    outsides = {"model": tiny["model"], "adapter": tiny["adapter_b"]}
     for field in sorted(fields & set(PATH_FIELDS)):
-        outside = tiny["model"] if field == "model_name" else tiny["adapter_b"]
+        key = PATH_FIELDS[field]
+        outside = outsides.get(key, inside["outside_exam"])
         hostile = {field: [outside] if field == "adapters" else outside}
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await _call(channel, method, _request(method, inside, **hostile))
@@ -120,18 +151,22 @@ async def test_every_method_passes_the_gate(
             grpc.StatusCode.PERMISSION_DENIED,
             "PATH_OUTSIDE_ROOTS",
             (field,),
-        ), got.message
-        missing = {
-            field: [inside["adapter"] + "/../nothing"]
-            if field == "adapters"
-            else inside["model" if field == "model_name" else "adapter"] + "/../nothing"
-        }
+        ), f"{field}: {got.message}"
+        nothing = inside[key] + "/../nothing"
+        missing = {field: [nothing] if field == "adapters" else nothing}
+        if field in MAY_BE_MISSING:
+            await _call(channel, method, _request(method, inside, **missing))
+            continue
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await _call(channel, method, _request(method, inside, **missing))
-        assert failure(info.value).code == grpc.StatusCode.NOT_FOUND, failure(info.value).message
+        got = failure(info.value)
+        assert (got.code, got.fields) == (grpc.StatusCode.NOT_FOUND, (field,)), got.message
 
 
-async def test_every_method_is_refused_once_shutdown_begins(tiny: dict[str, str]) -> None:
+async def test_every_method_is_refused_once_shutdown_begins(
+    tiny: dict[str, str], tmp_path: Path
+) -> None:
+    paths = {**tiny, **_walk_exam(tmp_path)}
     sidecar = Sidecar(tiny_config(tiny))
     await sidecar.start()
     try:
@@ -139,7 +174,7 @@ async def test_every_method_is_refused_once_shutdown_begins(tiny: dict[str, str]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
             for method in EXAM_SERVICE.methods_by_name:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await _call(channel, method, _request(method, tiny))
+                    await _call(channel, method, _request(method, paths))
                 got = failure(info.value)
                 assert (got.code, got.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
     finally:

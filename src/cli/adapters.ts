@@ -3,7 +3,6 @@
  * started for them), each printing one JSON line on stdout and exiting with `exam`'s codes.
  */
 import type { ClientUnaryCall, Metadata, ServiceError } from '@grpc/grpc-js';
-import { ConfigError, loadConfig } from '../config';
 import {
   CompareAdaptersResponse,
   ExamServiceClient,
@@ -12,7 +11,8 @@ import {
   LoadAdapterResponse,
 } from '../gen/golem/exam/v1/exam';
 import { identity } from '../sidecar/client';
-import { callMetadata, channelCredentialsFor, daemonAddress } from './daemon';
+import { firstAdapterRoute } from './routing';
+import { callMetadata, channelCredentialsFor, cliConfig, daemonAddress } from './daemon';
 import { failure, fromError, printOutcome, type ExamOutcome } from './outcome';
 import { ExitCode } from './exit-codes';
 import { parseCompareInput } from './input';
@@ -39,7 +39,7 @@ export function runLoadAdapter(
   modelName: string | undefined,
   options: DaemonOptions,
 ): Promise<ExitCode> {
-  return run(options, (client, metadata, done) =>
+  return run(options, name, (client, metadata, done) =>
     client.loadAdapter({ name, adapterPath, modelName }, metadata, (error, response) =>
       done(
         error,
@@ -55,14 +55,14 @@ export function runUnloadAdapter(
   modelName: string | undefined,
   options: DaemonOptions,
 ): Promise<ExitCode> {
-  return run(options, (client, metadata, done) =>
+  return run(options, name, (client, metadata, done) =>
     client.unloadAdapter({ name, modelName }, metadata, (error) => done(error, success(`unloaded ${name}`, {}))),
   );
 }
 
 /** `golem adapters list`. */
 export function runListAdapters(options: DaemonOptions): Promise<ExitCode> {
-  return run(options, (client, metadata, done) =>
+  return run(options, undefined, (client, metadata, done) =>
     client.listAdapters({}, metadata, (error, response) =>
       done(
         error,
@@ -89,10 +89,11 @@ export function runCompare(input: string, options: DaemonOptions): Promise<ExitC
       ),
     );
   }
-  const adapters = Array.isArray(parsed.request.adapters) ? parsed.request.adapters.length : 0;
+  const named = Array.isArray(parsed.request.adapters) ? parsed.request.adapters.map(String) : [];
+  const adapters = named.length;
   const method = ExamServiceService.compareAdapters;
   // Sent as the bytes the input parser encoded, like exam's request.
-  return run(options, (client, metadata, done) =>
+  return run(options, firstAdapterRoute(named), (client, metadata, done) =>
     client.makeUnaryRequest(
       method.path,
       identity,
@@ -143,19 +144,19 @@ function success(result: string, detail: unknown): ExamOutcome {
   return { status: 'success', exitCode: ExitCode.SUCCESS, result, detail };
 }
 
-async function run(options: DaemonOptions, daemonCall: DaemonCall): Promise<ExitCode> {
-  return printOutcome(await outcomeOf(options, daemonCall));
+/** Runs one call; `route` is the adapter it is about (routing.ts), none for the registry's list. */
+async function run(options: DaemonOptions, route: string | undefined, daemonCall: DaemonCall): Promise<ExitCode> {
+  return printOutcome(await outcomeOf(options, route, daemonCall));
 }
 
-async function outcomeOf(options: DaemonOptions, daemonCall: DaemonCall): Promise<ExamOutcome> {
-  let token: string | undefined;
-  try {
-    const config = loadConfig({ file: options.configFile });
-    token = process.env[config.security.authTokenEnv] || undefined;
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
-  }
+async function outcomeOf(
+  options: DaemonOptions,
+  route: string | undefined,
+  daemonCall: DaemonCall,
+): Promise<ExamOutcome> {
+  const loaded = cliConfig(options.configFile);
+  if ('exitCode' in loaded) return loaded;
+  const { token } = loaded;
   const channelCredentials = channelCredentialsFor(options.tlsCa);
   if ('exitCode' in channelCredentials) return channelCredentials;
   const address = daemonAddress(options.address);
@@ -165,7 +166,7 @@ async function outcomeOf(options: DaemonOptions, daemonCall: DaemonCall): Promis
     return failure(ExitCode.UNAVAILABLE, message, 'UNAVAILABLE', 'DAEMON_UNAVAILABLE');
   }
   const client = new ExamServiceClient(address, channelCredentials);
-  const { metadata, requestId } = callMetadata(token);
+  const { metadata, requestId } = callMetadata(token, route);
   try {
     return await new Promise<ExamOutcome>((resolve) => {
       daemonCall(client, metadata, (error, outcome) => {

@@ -6,10 +6,10 @@
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { Client, credentials, Metadata, type ChannelCredentials } from '@grpc/grpc-js';
-import type { GolemConfig } from '../config';
+import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import { startGateway } from '../gateway/server';
 import { createLogger } from '../log';
-import { AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
+import { ADAPTER_ROUTING_KEY, AUTHORIZATION_KEY, REQUEST_ID_KEY } from '../wire';
 import { ExitCode } from './exit-codes';
 import { failure, type ExamOutcome } from './outcome';
 import { isListening } from './probe';
@@ -33,17 +33,37 @@ export function channelCredentialsFor(tlsCaOption: string | undefined): ChannelC
   }
 }
 
+/** A command's config (`--config`, else the default) and the bearer token it names. */
+export interface CliConfig {
+  config: GolemConfig;
+  /** From the variable `security.authTokenEnv` names; unset or empty: none. */
+  token: string | undefined;
+}
+
+/** Loads the config for a command; a bad one is the command's failure (exit 2), not a crash. */
+export function cliConfig(configFile: string | undefined): CliConfig | ExamOutcome {
+  try {
+    const config = loadConfig({ file: configFile });
+    return { config, token: process.env[config.security.authTokenEnv] || undefined };
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
+  }
+}
+
 /** `--address`, else GOLEM_ADDRESS, else the default. */
 export function daemonAddress(option: string | undefined): string {
   return option ?? (process.env.GOLEM_ADDRESS || DEFAULT_ADDRESS);
 }
 
 /** Metadata for one call: a fresh request id, and the bearer token when there is one. */
-export function callMetadata(token: string | undefined): { metadata: Metadata; requestId: string } {
+export function callMetadata(token: string | undefined, route?: string): { metadata: Metadata; requestId: string } {
   const requestId = randomUUID();
   const metadata = new Metadata();
   metadata.set(REQUEST_ID_KEY, requestId);
   if (token) metadata.set(AUTHORIZATION_KEY, `Bearer ${token}`);
+  // The adapter the call is about, for a mesh that keeps each adapter on one replica (routing.ts).
+  if (route !== undefined) metadata.set(ADAPTER_ROUTING_KEY, route);
   return { metadata, requestId };
 }
 

@@ -4,10 +4,10 @@
  * the one call and stopped after it.
  */
 import { Client, status as GrpcStatus, type ServiceError, type StatusObject } from '@grpc/grpc-js';
-import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import { ExamServiceService, TakeExamResponse, type ExamChunk } from '../gen/golem/exam/v1/exam';
 import { identity } from '../sidecar/client';
-import { callMetadata, channelCredentialsFor, connectOrStart, daemonAddress } from './daemon';
+import { examRoute } from './routing';
+import { callMetadata, channelCredentialsFor, cliConfig, connectOrStart, daemonAddress } from './daemon';
 import { ExitCode } from './exit-codes';
 import { parseExamInput } from './input';
 import { cancelOnSignal } from './one-shot';
@@ -29,13 +29,9 @@ export async function runExam(options: ExamOptions): Promise<ExitCode> {
 }
 
 async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
-  let config: GolemConfig;
-  try {
-    config = loadConfig({ file: options.configFile });
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
-  }
+  const loaded = cliConfig(options.configFile);
+  if ('exitCode' in loaded) return loaded;
+  const { config, token } = loaded;
   const tooLarge = checkInputSize(options.input, config.limits.maxInputBytes);
   if (tooLarge) return tooLarge;
   const parsed = parseExamInput(options.input);
@@ -51,11 +47,11 @@ async function takeExam(options: ExamOptions): Promise<ExamOutcome> {
   }
   const channelCredentials = channelCredentialsFor(options.tlsCa);
   if ('exitCode' in channelCredentials) return channelCredentials;
-  const token = process.env[config.security.authTokenEnv] || undefined;
   const connection = await connectOrStart(daemonAddress(options.address), channelCredentials, config);
   if ('exitCode' in connection) return connection;
   try {
-    return await (options.stream ? streamCall : call)(connection.client, Buffer.from(parsed.bytes), token);
+    const route = examRoute(parsed.request, config.defaults.adapterPath);
+    return await (options.stream ? streamCall : call)(connection.client, Buffer.from(parsed.bytes), token, route);
   } finally {
     await connection.close();
   }
@@ -72,8 +68,8 @@ function checkInputSize(input: string, maxBytes: number): ExamOutcome | undefine
 }
 
 // The request goes as the bytes the input parser encoded: a uint64 seed stays exact.
-function call(client: Client, request: Buffer, token: string | undefined): Promise<ExamOutcome> {
-  const { metadata, requestId } = callMetadata(token);
+function call(client: Client, request: Buffer, token: string | undefined, route: string): Promise<ExamOutcome> {
+  const { metadata, requestId } = callMetadata(token, route);
   const method = ExamServiceService.takeExam;
   return new Promise((resolve) => {
     client.makeUnaryRequest(method.path, identity, method.responseDeserialize, request, metadata, (error, response) => {
@@ -83,8 +79,8 @@ function call(client: Client, request: Buffer, token: string | undefined): Promi
 }
 
 // The text goes to stderr as it comes; stdout keeps its one JSON line, built from the final chunk.
-function streamCall(client: Client, request: Buffer, token: string | undefined): Promise<ExamOutcome> {
-  const { metadata, requestId } = callMetadata(token);
+function streamCall(client: Client, request: Buffer, token: string | undefined, route: string): Promise<ExamOutcome> {
+  const { metadata, requestId } = callMetadata(token, route);
   const method = ExamServiceService.streamExam;
   return new Promise((resolve) => {
     let final: TakeExamResponse | undefined;

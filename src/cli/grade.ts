@@ -8,7 +8,6 @@
 import { accessSync, constants as fsConstants, existsSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { type Client, type ServiceError, status as GrpcStatus, type StatusObject } from '@grpc/grpc-js';
-import { ConfigError, loadConfig, type GolemConfig } from '../config';
 import {
   ExamServiceService,
   ExamSummary,
@@ -16,7 +15,8 @@ import {
   type GradeExamResponse,
 } from '../gen/golem/exam/v1/exam';
 import { DisagreementCollector } from './disagreements';
-import { callMetadata, channelCredentialsFor, connectOrStart, daemonAddress } from './daemon';
+import { firstAdapterRoute } from './routing';
+import { callMetadata, channelCredentialsFor, cliConfig, connectOrStart, daemonAddress } from './daemon';
 import { ExitCode } from './exit-codes';
 import { summaryTable } from './grade-summary';
 import { cancelOnSignal } from './one-shot';
@@ -61,15 +61,9 @@ export async function runGrade(options: GradeOptions): Promise<ExitCode> {
 }
 
 async function grade(options: GradeOptions, progress: ProgressBar): Promise<ExamOutcome> {
-  let token: string | undefined;
-  let config: GolemConfig;
-  try {
-    config = loadConfig({ file: options.configFile });
-    token = process.env[config.security.authTokenEnv] || undefined;
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    return failure(ExitCode.INVALID_INPUT, err.message, 'INVALID_ARGUMENT', 'INVALID_CONFIG');
-  }
+  const loaded = cliConfig(options.configFile);
+  if ('exitCode' in loaded) return loaded;
+  const { config, token } = loaded;
   const channelCredentials = channelCredentialsFor(options.tlsCa);
   if ('exitCode' in channelCredentials) return channelCredentials;
   const unwritable = checkReportFolder(options.report);
@@ -216,7 +210,7 @@ function gradeCall(
   deadline: number,
   onMessage: (message: GradeExamResponse) => void,
 ): Promise<ExamSummary | ExamOutcome> {
-  const { metadata, requestId } = callMetadata(token);
+  const { metadata, requestId } = callMetadata(token, firstAdapterRoute(request.adapters));
   const method = ExamServiceService.gradeExam;
   return new Promise((resolve) => {
     let summary: ExamSummary | undefined;

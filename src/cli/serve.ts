@@ -2,15 +2,33 @@
  * `golem serve`: the gateway and its sidecar until SIGINT or SIGTERM, then a graceful stop:
  * health NOT_SERVING, no new calls, calls in flight finish within `limits.shutdownGraceMs`.
  */
-import { loadConfig } from '../config';
+import { loadConfig, type GolemConfig } from '../config';
 import { startGateway } from '../gateway/server';
-import { createLogger } from '../log';
+import { createLogger, type Logger } from '../log';
+import type { Tracing } from '../tracing';
 import { ExitCode } from './exit-codes';
 
 /** Serves until a signal (exit 0) or until the sidecar cannot be kept alive (exit 5). */
 export async function runServe(configFile: string | undefined): Promise<number> {
   const config = loadConfig({ file: configFile });
   const logger = createLogger(config.logLevel);
+  const tracing = await startTracingIfOn(config, logger);
+  try {
+    return await serveUntilStopped(config, logger);
+  } finally {
+    await tracing?.shutdown();
+  }
+}
+
+// Imported only when on: tracing off loads no OpenTelemetry module at all.
+async function startTracingIfOn(config: GolemConfig, logger: Logger): Promise<Tracing | undefined> {
+  if (!config.tracing.otlpEndpoint) return undefined;
+  const { startTracing } = await import('../tracing');
+  logger.info('tracing on', { otlp_endpoint: config.tracing.otlpEndpoint });
+  return startTracing(config.tracing);
+}
+
+async function serveUntilStopped(config: GolemConfig, logger: Logger): Promise<number> {
   let finish: (code: number) => void = () => undefined;
   const finished = new Promise<number>((resolve) => {
     finish = resolve;

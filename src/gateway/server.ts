@@ -7,8 +7,11 @@ import { Server } from '@grpc/grpc-js';
 import type { GolemConfig } from '../config';
 import { createLogger, type Logger } from '../log';
 import { messageSizeOptions } from '../sidecar/client';
+import type { LivenessSettings } from '../sidecar/liveness';
 import { describeExit } from '../sidecar/process';
+import { watchRemoteSidecar } from '../sidecar/remote';
 import { SidecarSupervisor } from '../sidecar/supervisor';
+import { LOCAL_TRANSPORT, remoteTransport } from '../sidecar/transport';
 import { bearerAuthorizer } from './auth';
 import { listenWithHandshakeTimeout } from './connections';
 import { serverCredentials } from './credentials';
@@ -59,9 +62,12 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   const logger = options.logger ?? createLogger(config.logLevel);
   const listen = options.listen ?? config.listen;
   const credentials = serverCredentials(config.security);
-  const token = (options.env ?? process.env)[config.security.authTokenEnv];
+  const env = options.env ?? process.env;
+  const token = env[config.security.authTokenEnv];
+  const remote = Boolean(config.sidecar.address);
+  const transport = remote ? remoteTransport(config.sidecar, env) : LOCAL_TRANSPORT;
   const health = createHealth();
-  const link = new SidecarLink(health, config.limits.maxMessageBytes);
+  const link = new SidecarLink(health, config.limits.maxMessageBytes, transport);
   const inFlight = new InFlightCalls();
   const shutdown = new ShutdownGate();
   const metrics = new GatewayMetrics();
@@ -115,6 +121,25 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   }
   const sidecarAddress = supervisor?.address ?? config.sidecar.address;
   link.connect(sidecarAddress, supervisor !== undefined);
+  let stopWatchingRemote = (): void => undefined;
+  if (remote) {
+    logRemoteSidecar(logger, config, transport.interceptors.length > 0);
+    stopWatchingRemote = watchRemoteSidecar(sidecarAddress, transport, livenessSettings(config), {
+      onDown: (reason) => {
+        // A host cut off by the network would hold calls until their deadline: end them now.
+        const error = unavailable(reason);
+        link.refuse(error);
+        const ended = inFlight.abortAll(error);
+        link.close();
+        logger.warn('remote sidecar down', { sidecar: sidecarAddress, reason, calls_ended: ended });
+      },
+      onServing: () => {
+        // A fresh channel: the old one may be sitting out its reconnect backoff.
+        link.connect(sidecarAddress, true);
+        logger.info('remote sidecar serving again', { sidecar: sidecarAddress });
+      },
+    });
+  }
   logger.info('gateway ready', { address, sidecar: sidecarAddress });
 
   return {
@@ -128,6 +153,7 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
       shutdown.close();
       link.refuse(unavailable('the daemon is shutting down', SHUTTING_DOWN), true);
       listener.close();
+      stopWatchingRemote();
       await drain(server, inFlight, config.limits.shutdownGraceMs, logger);
       link.close();
       await supervisor?.stop();
@@ -170,5 +196,27 @@ function logSecurity(logger: Logger, config: GolemConfig, listen: string, auth: 
       tls,
       bearer_auth: auth,
     });
+  }
+}
+
+function livenessSettings(config: GolemConfig): LivenessSettings {
+  const { healthIntervalMs, healthTimeoutMs, healthFailures } = config.sidecar;
+  return { intervalMs: healthIntervalMs, timeoutMs: healthTimeoutMs, failures: healthFailures };
+}
+
+// Says once how the link to a remote sidecar is protected; the token's variable, never its value.
+function logRemoteSidecar(logger: Logger, config: GolemConfig, sendsToken: boolean): void {
+  const { address, tlsCaFile, authTokenEnv } = config.sidecar;
+  const tls = Boolean(tlsCaFile);
+  logger.info('remote sidecar', { sidecar: address, tls, bearer_auth: sendsToken, token_env: authTokenEnv });
+  if (!isLoopback(address) && !(tls && sendsToken)) {
+    logger.warn(
+      'the link to a sidecar beyond loopback lacks TLS or a token: others on the network may read it or call the sidecar',
+      {
+        sidecar: address,
+        tls,
+        bearer_auth: sendsToken,
+      },
+    );
   }
 }

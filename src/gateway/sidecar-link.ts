@@ -6,6 +6,7 @@
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import type { HealthImplementation } from 'grpc-health-check';
 import { SidecarClient, messageSizeOptions } from '../sidecar/client';
+import { LOCAL_TRANSPORT, type SidecarTransport } from '../sidecar/transport';
 import { GrpcError, SIDECAR_UNAVAILABLE, statusError } from './errors';
 import { setServing } from './health';
 
@@ -25,6 +26,7 @@ export class SidecarLink {
   constructor(
     private readonly health: HealthImplementation,
     private readonly maxMessageBytes: number,
+    private readonly transport: SidecarTransport = LOCAL_TRANSPORT,
   ) {}
 
   /**
@@ -34,7 +36,7 @@ export class SidecarLink {
   connect(address: string, serving: boolean): void {
     if (this.final) return;
     this.close();
-    const client = new SidecarClient(address, messageSizeOptions(this.maxMessageBytes));
+    const client = new SidecarClient(address, messageSizeOptions(this.maxMessageBytes), this.transport);
     this.client = client;
     if (serving) setServing(this.health, 'SERVING');
     this.stopWatching = client.watchHealth((status) => setServing(this.health, status));

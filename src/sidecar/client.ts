@@ -5,17 +5,18 @@
  */
 import {
   Client,
-  credentials,
   makeClientConstructor,
   type CallOptions,
   type ChannelOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
   type Metadata,
+  type ChannelCredentials,
   type ServiceError,
 } from '@grpc/grpc-js';
 import { service as healthService, type ServingStatus } from 'grpc-health-check';
 import { EXAM_SERVICE_NAME } from '../wire';
+import { LOCAL_TRANSPORT, type SidecarTransport } from './transport';
 
 export type { ServingStatus };
 
@@ -38,7 +39,7 @@ interface HealthClient {
 }
 const HealthClientConstructor = makeClientConstructor(healthService, 'grpc.health.v1.Health') as unknown as new (
   address: string,
-  creds: ReturnType<typeof credentials.createInsecure>,
+  creds: ChannelCredentials,
   options: Record<string, unknown>,
 ) => HealthClient;
 
@@ -53,7 +54,10 @@ export function messageSizeOptions(maxMessageBytes: number): ChannelOptions {
 /** Passes a message's bytes through untouched, both ways. */
 export const identity = (bytes: Buffer): Buffer => bytes;
 
-/** A client for one sidecar address (`unix:/path.sock` or `host:port`). */
+/**
+ * A client for one sidecar address (`unix:/path.sock` or `host:port`), over `transport`
+ * (plaintext by default; TLS and a token for a remote sidecar).
+ */
 export class SidecarClient {
   private readonly channel: Client;
   private readonly health: HealthClient;
@@ -61,10 +65,14 @@ export class SidecarClient {
   constructor(
     readonly address: string,
     options: ChannelOptions = {},
+    transport: SidecarTransport = LOCAL_TRANSPORT,
   ) {
-    this.channel = new Client(address, credentials.createInsecure(), options);
-    this.health = new HealthClientConstructor(address, credentials.createInsecure(), {
+    const { credentials, interceptors } = transport;
+    this.channel = new Client(address, credentials, { ...transport.options, ...options, interceptors });
+    // Interceptors belong to a client, not to the channel it shares: health sends the token too.
+    this.health = new HealthClientConstructor(address, credentials, {
       channelOverride: this.channel.getChannel(),
+      interceptors,
     });
   }
 

@@ -158,12 +158,19 @@ export class SidecarProcess {
 }
 
 /**
- * The sidecar's environment: ours, without the bearer token it has no use for, and offline
- * (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) unless `security.allowHubDownloads` says otherwise.
+ * The sidecar's environment: ours, without the bearer tokens it has no use for, and offline
+ * (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE) unless `security.allowHubDownloads` says otherwise. The
+ * sidecar's code is the one shipped beside this gateway (`inference_py/` first on PYTHONPATH),
+ * whichever copy the interpreter has installed: a gateway and its sidecar always come from one
+ * checkout, so the contract they speak is the same.
  */
 export function sidecarEnvironment(config: GolemConfig, env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
-  const result: NodeJS.ProcessEnv = { ...env, PYTHONUNBUFFERED: '1' };
+  const ownCode = path.join(PACKAGE_ROOT, 'inference_py');
+  const pythonPath = [ownCode, env.PYTHONPATH].filter(Boolean).join(path.delimiter);
+  const result: NodeJS.ProcessEnv = { ...env, PYTHONUNBUFFERED: '1', PYTHONPATH: pythonPath };
   delete result[config.security.authTokenEnv];
+  // A token for a remote sidecar: the spawned one, on its private socket, asks for none.
+  delete result[config.sidecar.authTokenEnv];
   if (!config.security.allowHubDownloads) {
     result.HF_HUB_OFFLINE = '1';
     result.TRANSFORMERS_OFFLINE = '1';

@@ -14,8 +14,10 @@ import path from 'node:path';
 import { service as healthService } from 'grpc-health-check';
 import {
   ExamServiceClient,
+  GradeExamRequest,
   TakeExamRequest,
   type ExamChunk,
+  type GradeExamResponse,
   type TakeExamResponse,
 } from '../../src/gen/golem/exam/v1/exam';
 import { parseErrorDetails, type ErrorDetails } from '../../src/gateway/errors';
@@ -43,6 +45,32 @@ export function takeExam(
     });
     call.on('metadata', (received: Metadata) => {
       headers = received;
+    });
+  });
+}
+
+export interface GradeResult {
+  /** Every message the stream sent, in order, up to its end or its error. */
+  messages: GradeExamResponse[];
+  error?: ServiceError;
+  details?: ErrorDetails;
+}
+
+/** Calls GradeExam and reads the stream to its end or its error. */
+export function gradeExam(
+  client: ExamServiceClient,
+  request: Partial<GradeExamRequest>,
+  options: Partial<CallOptions> = {},
+): Promise<GradeResult> {
+  const result: GradeResult = { messages: [] };
+  return new Promise((resolve) => {
+    const stream = client.gradeExam(GradeExamRequest.fromPartial(request), options);
+    stream.on('data', (message: GradeExamResponse) => result.messages.push(message));
+    stream.on('error', (error: ServiceError) =>
+      resolve({ ...result, error, details: parseErrorDetails(error.metadata) }),
+    );
+    stream.on('status', (status: { code: number }) => {
+      if (status.code === 0) resolve(result);
     });
   });
 }

@@ -44,6 +44,9 @@ describe('loadConfig', () => {
       healthIntervalMs: 2000,
       healthTimeoutMs: 2000,
       healthFailures: 3,
+      tlsCaFile: '',
+      authTokenEnv: 'GOLEM_SIDECAR_TOKEN',
+      allowInsecure: false,
     });
     expect(config.security).toEqual({
       trustRemoteCode: false,
@@ -57,6 +60,7 @@ describe('loadConfig', () => {
       allowHubDownloads: false,
     });
     expect(config.defaults.quantization).toBe('auto');
+    expect(config.tracing).toEqual({ otlpEndpoint: '', sidecarSpansFile: '' });
   });
 
   it('fills keys added later with their defaults, so older config files still load', () => {
@@ -84,6 +88,7 @@ describe('loadConfig', () => {
       ]) {
         delete raw.security[key];
       }
+      delete raw.tracing;
       delete raw.metrics;
     });
     expect(loadConfig({ file, env: {} })).toEqual(loadConfig({ env: {} }));
@@ -180,6 +185,9 @@ describe('loadConfig', () => {
         GOLEM_SHUTDOWN_GRACE_MS: '2500',
         GOLEM_TLS_CERT_FILE: '/etc/golem/cert.pem',
         GOLEM_TLS_KEY_FILE: '/etc/golem/key.pem',
+        GOLEM_OTLP_ENDPOINT: 'http://collector:4317',
+        GOLEM_SIDECAR_TLS_CA_FILE: '/etc/golem/sidecar-ca.pem',
+        GOLEM_SIDECAR_ALLOW_INSECURE: 'false',
         GOLEM_METRICS_LISTEN: '127.0.0.1:9464',
       },
     });
@@ -187,12 +195,28 @@ describe('loadConfig', () => {
       listen: '0.0.0.0:6000',
       logLevel: 'debug',
       production: true,
-      sidecar: { address: 'unix:/run/golem.sock', python: '/usr/bin/python3' },
+      sidecar: {
+        address: 'unix:/run/golem.sock',
+        python: '/usr/bin/python3',
+        tlsCaFile: '/etc/golem/sidecar-ca.pem',
+        allowInsecure: false,
+      },
       defaults: { modelName: 'distilgpt2', adapterPath: 'results/checkpoint-250', device: 'cpu' },
       limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000, shutdownGraceMs: 2500 },
       security: { tlsCertFile: '/etc/golem/cert.pem', tlsKeyFile: '/etc/golem/key.pem' },
+      tracing: { otlpEndpoint: 'http://collector:4317' },
       metrics: { listen: '127.0.0.1:9464' },
     });
+  });
+
+  it('refuses an OTLP endpoint that is not an http(s) URL, naming the key and the variable', () => {
+    expect(() => loadConfig({ env: { GOLEM_OTLP_ENDPOINT: 'collector:4317' } })).toThrow(
+      /tracing\.otlpEndpoint: must be a URL .*\(from GOLEM_OTLP_ENDPOINT\)/,
+    );
+    const file = writeConfig('bad-tracing.json', (raw) => {
+      raw.tracing = { otlpEndpoint: '', sidecarSpansFile: 3, sampler: 'always' };
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/tracing\.sidecarSpansFile: .*unknown key tracing\.sampler/);
   });
 
   it('names the variable when an override is not a number', () => {
@@ -211,6 +235,45 @@ describe('loadConfig', () => {
     });
     expect(() => loadConfig({ file, env: {} })).toThrow(ConfigError);
     expect(() => loadConfig({ file, env: {} })).toThrow(/limits\.maxNewTokensCap/);
+  });
+
+  describe('a remote sidecar (sidecar.address)', () => {
+    const remote = (env: NodeJS.ProcessEnv): ReturnType<typeof loadConfig> => loadConfig({ env });
+
+    it.each(['10.200.0.2:50052', 'gpu-host:50052', 'dns:///gpu-host:50052'])(
+      'refuses plaintext beyond loopback (%s) unless sidecar.allowInsecure',
+      (address) => {
+        expect(() => remote({ GOLEM_SIDECAR_ADDRESS: address })).toThrow(
+          'sidecar.tlsCaFile: must name the CA to trust for a sidecar beyond loopback',
+        );
+        const insecure = remote({ GOLEM_SIDECAR_ADDRESS: address, GOLEM_SIDECAR_ALLOW_INSECURE: 'true' });
+        expect(insecure.sidecar).toMatchObject({ address, allowInsecure: true, tlsCaFile: '' });
+      },
+    );
+
+    it('takes TLS beyond loopback, and plaintext on loopback as before', () => {
+      const tls = remote({ GOLEM_SIDECAR_ADDRESS: '10.200.0.2:50052', GOLEM_SIDECAR_TLS_CA_FILE: '/etc/ca.pem' });
+      expect(tls.sidecar).toMatchObject({ tlsCaFile: '/etc/ca.pem', allowInsecure: false });
+      for (const address of ['127.0.0.1:50052', 'localhost:50052', 'unix:/run/golem.sock']) {
+        expect(remote({ GOLEM_SIDECAR_ADDRESS: address }).sidecar.address).toBe(address);
+      }
+    });
+
+    it('refuses a CA with no address to use it on', () => {
+      expect(() => remote({ GOLEM_SIDECAR_TLS_CA_FILE: '/etc/ca.pem' })).toThrow(
+        /sidecar\.tlsCaFile: applies to a remote sidecar only: set sidecar\.address too/,
+      );
+    });
+
+    it('refuses allowInsecure beside a CA', () => {
+      expect(() =>
+        remote({
+          GOLEM_SIDECAR_ADDRESS: '10.200.0.2:50052',
+          GOLEM_SIDECAR_TLS_CA_FILE: '/etc/ca.pem',
+          GOLEM_SIDECAR_ALLOW_INSECURE: 'true',
+        }),
+      ).toThrow(/sidecar\.allowInsecure: cannot be true with sidecar\.tlsCaFile set/);
+    });
   });
 
   it('names unknown keys', () => {
