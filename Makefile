@@ -13,6 +13,9 @@ STAMPS := .stamps
 PY_LOCK := inference_py/requirements.lock
 PIP_TOOLS_VERSION := 7.6.2
 PROTO := proto/golem/exam/v1/exam.proto
+# Internal to golem (the gateway reads its sidecar's metrics through it); never served to callers,
+# so it stays out of descriptors.binpb, which the gateway's reflection serves.
+SIDECAR_PROTO := proto/golem/sidecar/v1/metrics.proto
 PY_GEN := inference_py/golem_sidecar/gen
 TS_GEN := src/gen
 # The last release of the contract, which `buf breaking` compares against (a commit, so it works
@@ -64,17 +67,21 @@ $(STAMPS)/node: package.json package-lock.json | $(STAMPS)
 # One protoc (the one inside grpcio-tools) generates both languages from the one contract. The same
 # run writes descriptors.binpb (the contract and the google.rpc error details, imports and comments
 # included), which the gateway's reflection serves so grpcurl decodes error details.
-$(STAMPS)/gen: $(PROTO) $(STAMPS)/venv $(STAMPS)/node
+$(STAMPS)/gen: $(PROTO) $(SIDECAR_PROTO) $(STAMPS)/venv $(STAMPS)/node
 	rm -rf $(TS_GEN) $(PY_GEN)/golem
 	mkdir -p $(TS_GEN)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=$(PY_GEN) --grpc_python_out=$(PY_GEN) \
-		--pyi_out=$(PY_GEN) $(PROTO)
+		--pyi_out=$(PY_GEN) $(PROTO) $(SIDECAR_PROTO)
 	site=$$($(PY) -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(list(google.rpc.__path__)[0])))') && \
 	$(PY) -m grpc_tools.protoc --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
 		--ts_proto_out=$(TS_GEN) \
 		--ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,forceLong=number,env=node \
 		--descriptor_set_out=$(TS_GEN)/descriptors.binpb --include_imports --include_source_info \
 		-I proto -I $$site $(PROTO) google/rpc/status.proto google/rpc/error_details.proto
+	$(PY) -m grpc_tools.protoc --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
+		--ts_proto_out=$(TS_GEN) \
+		--ts_proto_opt=outputServices=grpc-js,esModuleInterop=true,forceLong=number,env=node \
+		-I proto $(SIDECAR_PROTO)
 	touch $@
 
 gen: $(STAMPS)/gen

@@ -103,6 +103,21 @@ export const configSchema = z.strictObject({
     // A connection to the gateway's port that has not sent the HTTP/2 preface by then is closed.
     handshakeTimeoutMs: positiveInt.default(10000),
   }),
+  // Prometheus metrics of the gateway and its sidecar on a port of their own (docs/metrics.md).
+  metrics: z
+    .strictObject({
+      // `host:port` for GET /metrics; empty: off. Off by default, so that several gateways on one
+      // machine (tests, one-shot `golem exam`) never compete for a port.
+      listen: z
+        .string()
+        .trim()
+        .regex(
+          /^$|^(\[[0-9a-fA-F:.]+\]|[^\s:[\]]+):\d{1,5}$/,
+          'must be host:port (port 0: any free one), or empty for off',
+        )
+        .default(''),
+    })
+    .default({ listen: '' }),
   security: z
     .strictObject({
       trustRemoteCode: z.boolean(),
@@ -198,6 +213,7 @@ const ENV_OVERRIDES: ReadonlyArray<readonly [string, readonly string[], EnvKind]
   ['GOLEM_TLS_CERT_FILE', ['security', 'tlsCertFile'], 'string'],
   ['GOLEM_TLS_KEY_FILE', ['security', 'tlsKeyFile'], 'string'],
   ['GOLEM_OTLP_ENDPOINT', ['tracing', 'otlpEndpoint'], 'string'],
+  ['GOLEM_METRICS_LISTEN', ['metrics', 'listen'], 'string'],
 ];
 
 export interface LoadConfigOptions {

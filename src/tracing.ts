@@ -18,9 +18,10 @@ import { BatchSpanProcessor, SimpleSpanProcessor, TracerProvider, type SpanExpor
 import type { GolemConfig } from './config';
 import { REQUEST_ID_KEY } from './wire';
 
-// Health probes come every few seconds from balancers and from our own sidecar watch, and
-// reflection from grpcurl: spans of those would bury the ones that matter.
-const UNTRACED_METHODS = ['Check', 'Watch', 'ServerReflectionInfo'];
+// Health probes come every few seconds from balancers and from our own sidecar watch,
+// reflection from grpcurl, and the sidecar metrics scrape as often as every 50 ms: spans of
+// those would bury the ones that matter.
+const UNTRACED_METHODS = ['Check', 'Watch', 'ServerReflectionInfo', 'Scrape'];
 
 /** Tracing as started: `shutdown` flushes the spans not yet exported and removes the patches. */
 export interface Tracing {

@@ -174,6 +174,23 @@ describe(`a remote sidecar ${where}, over TLS with a token`, () => {
     expect(response?.answerTokens).toBeGreaterThan(0);
   });
 
+  it("merges the remote sidecar's metrics, read over its TLS channel with the token, and none without it", async () => {
+    const scrape = async (env: NodeJS.ProcessEnv): Promise<string> => {
+      const config = { ...gatewayConfig(), metrics: { listen: '127.0.0.1:0' } };
+      const started = await startGateway(config, { listen: '127.0.0.1:0', env, logger: captureLogs('error').logger });
+      extraGateways.push(started);
+      await waitFor(async () => (await healthOf(started.address)) === 'SERVING', 10000, 'gateway SERVING');
+      return (await fetch(`http://${started.metricsAddress}/metrics`)).text();
+    };
+    const withToken = await scrape({ [TOKEN_ENV]: TOKEN });
+    expect(withToken).toMatch(/^golem_gateway_sidecar_up 1$/m);
+    expect(withToken).toMatch(/^vllm:num_requests_waiting 0\.0$/m);
+    // The sidecar refuses Scrape without the token: its labels name models and adapter paths.
+    const without = await scrape({});
+    expect(without).toMatch(/^golem_gateway_sidecar_up 0$/m);
+    expect(without).not.toContain('vllm:');
+  });
+
   it('refuses a call straight to the sidecar without the token or with a wrong one; health stays open', async () => {
     const direct = examClient(sidecarAddress, trusting);
     try {

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from golem_sidecar.errors import GolemError
+from golem_sidecar.metrics import Arrival
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class Pending:
     queued_at: int = field(default_factory=time.perf_counter_ns)
     # Time this request spent loading its base before it was queued.
     load_ns: int = 0
+    # When its call arrived, for TakeExam and StreamExam (their time to first token).
+    arrival: Arrival | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,16 @@ class BatchQueue:
         """Nothing queued, reserved, gathering or running: the queue can go without losing
         work."""
         return not self._waiting and not self._reserved and not self._busy
+
+    @property
+    def depth(self) -> int:
+        """Requests queued and not taken yet (a metrics scrape reads it from the loop)."""
+        return len(self._waiting)
+
+    def queued(self) -> list[Pending]:
+        """A copy of the queued requests, first come first."""
+        with self._lock:
+            return list(self._waiting)
 
     def submit(self, pending: Pending) -> None:
         """Queues a request, or refuses it at once when the queue is full."""

@@ -23,7 +23,22 @@ from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_adapter, resolve_model
 from golem_sidecar.grade_spec import GradedModel
 from golem_sidecar.loglikelihood import pair_item
-from golem_sidecar.models import BaseKey, ResidentBase, ResidentModels, peft_name
+from golem_sidecar.metrics import (
+    ARRIVAL,
+    EngineLoad,
+    QueueDepth,
+    ResidentAdapter,
+    ResidentModel,
+    SidecarMetrics,
+    placement_label,
+)
+from golem_sidecar.models import (
+    MADE_UP_PREFIX,
+    BaseKey,
+    ResidentBase,
+    ResidentModels,
+    peft_name,
+)
 from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
 from golem_sidecar.scoring import Loglikelihood, loglikelihoods
@@ -38,8 +53,9 @@ log = logging.getLogger(__name__)
 class ExamEngine:
     """Runs exams on the resident models: batched per base, decoded on the model thread."""
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, metrics: SidecarMetrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics or SidecarMetrics(config.limits)
         self._limits = BatchLimits(
             max_batch_size=config.limits.max_batch_size,
             batch_wait_s=config.limits.batch_wait_ms / 1000,
@@ -56,6 +72,8 @@ class ExamEngine:
         # while there are any, so it ends and lets them run.
         self._jobs_waiting = 0
         self._counting = threading.Lock()
+        # Decode sessions started and not ended, with the requests each holds unanswered.
+        self._sessions: dict[Session, dict[Pending, None]] = {}
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:
         # Carry the caller's context (its request id) into the worker thread's log lines.
@@ -108,7 +126,9 @@ class ExamEngine:
         queue, load_ns = await self._queue_for(spec.model, spec.placement)
         loop = asyncio.get_running_loop()
         streamed = None if on_text is None else _threadsafe(loop, on_text)
-        pending = Pending(spec, cancelled, loop.create_future(), streamed, load_ns=load_ns)
+        pending = Pending(
+            spec, cancelled, loop.create_future(), streamed, load_ns=load_ns, arrival=ARRIVAL.get()
+        )
         queue.submit(pending)
         try:
             result: ExamResult = await pending.future
@@ -137,7 +157,10 @@ class ExamEngine:
             unanswered.update(dict.fromkeys(taken))
             return taken
 
-        session = Session(self._models, self._limits, self._max_tokens, take_when_free, settle)
+        session = Session(
+            self._models, self._limits, self._max_tokens, take_when_free, settle, self._metrics
+        )
+        self._sessions[session] = unanswered
         try:
             await self._on_worker(session.run, batch)
         except Exception as exc:
@@ -145,6 +168,46 @@ class ExamEngine:
             for pending in unanswered:
                 _settle(pending, exc)
             raise
+        finally:
+            del self._sessions[session]
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now, for a metrics scrape. Read on the event loop while the
+        model thread works, without its locks: only len() of its containers and list() copies of
+        them, each one step under the GIL, so a scrape that races a decode step is a row off at
+        worst (a copy that does see a container change size raises, and the scrape reads again).
+        """
+        queues = list(self._queues.items())
+        sessions = list(self._sessions.items())
+        running = [session.running for session, _ in sessions]
+        held = [len(unanswered) for _, unanswered in sessions]
+        bases = self._models.resident()
+        return EngineLoad(
+            waiting=sum(q.depth for _, q in queues) + max(0, sum(held) - sum(running)),
+            running=sum(running),
+            cache_tokens=sum(session.cache_tokens() for session, _ in sessions),
+            queues=tuple(
+                QueueDepth(key.model, placement_label(key.placement), q.depth) for key, q in queues
+            ),
+            models=tuple(
+                ResidentModel(b.model_name, placement_label(b.placement), b.memory_bytes)
+                for b in bases
+            ),
+            adapters=tuple(_resident_adapters(bases)),
+            waiting_adapters=tuple(self._awaited_adapters(queues)),
+        )
+
+    def _awaited_adapters(self, queues: list[tuple[BaseKey, BatchQueue]]) -> list[str]:
+        """Adapters that queued requests name by path and their base does not hold yet (one
+        named by LoadAdapter is resident, or its request fails)."""
+        awaited = []
+        for key, queue in queues:
+            base = self._models.find(key)
+            for pending in queue.queued():
+                folder = pending.spec.adapter
+                if folder is not None and (base is None or folder.identity not in base.by_identity):
+                    awaited.append(folder.path)
+        return awaited
 
     async def load_adapter(self, spec: LoadSpec) -> tuple[ResidentBase, str, int]:
         """Attaches an adapter under a name (on the model thread, between batches)."""
@@ -322,6 +385,20 @@ class ExamEngine:
         if acquired:
             self._running.release()
         return bool(acquired)
+
+
+def _resident_adapters(bases: list[ResidentBase]) -> list[ResidentAdapter]:
+    """Each base's adapters by the name callers use: LoadAdapter's name, else the path."""
+    return [
+        ResidentAdapter(
+            base.model_name,
+            placement_label(base.placement),
+            folder.path if name.startswith(MADE_UP_PREFIX) else name,
+            folder.identity[1],
+        )
+        for base in bases
+        for name, folder in list(base.adapters.items())
+    ]
 
 
 def _settle(pending: Pending, outcome: ExamResult | BaseException) -> None:

@@ -1,7 +1,7 @@
 """What every ExamService call goes through, whatever its handler: the request id, the bearer
-token (when one is set), the shutdown gate (with its grace period), error mapping and a log
-line. A handler holds only its own logic and raises GolemError to refuse; an RPC added later
-gets all of this without a line of its own.
+token (when one is set), the shutdown gate (with its grace period), error mapping, a log line and
+its metrics. A handler holds only its own logic and raises GolemError to refuse; an RPC added
+later gets all of this without a line of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from golem_sidecar.auth import BearerCheck
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import REQUEST_ID
+from golem_sidecar.metrics import SidecarMetrics, mark_arrival
 from golem_sidecar.shutdown import CallGate
 from golem_sidecar.tracing import record_error, record_operation
 from golem_sidecar.wire import EXAM_SERVICE_NAME, REQUEST_ID_KEY
@@ -62,8 +63,11 @@ def as_golem_error(exc: Exception) -> GolemError:
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every ExamService method handler (health and reflection pass untouched)."""
 
-    def __init__(self, gate: CallGate, bearer: BearerCheck | None = None) -> None:
+    def __init__(
+        self, gate: CallGate, metrics: SidecarMetrics, bearer: BearerCheck | None = None
+    ) -> None:
         self._gate = gate
+        self._metrics = metrics
         self._bearer = bearer
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
@@ -95,6 +99,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, name: str, behaviour: Unary) -> Unary:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             REQUEST_ID.set(request_id(context))
+            mark_arrival(_label(name))
             record_operation(name)
             started = time.perf_counter()
             try:
@@ -104,10 +109,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     response = await self._gate.until_expiry(behaviour(request, context))
             except asyncio.CancelledError:
                 log.info("call cancelled by the caller", extra={"method": name})
+                self._count(name, grpc.StatusCode.CANCELLED, started)
                 raise
             except Exception as exc:  # every failure becomes the caller's status here
                 await self._abort(context, name, as_golem_error(exc), started)
-            _finished(name, "OK", started)
+            self._finished(name, started)
             return response
 
         return call
@@ -117,9 +123,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncGenerator[Any, None]:
             REQUEST_ID.set(request_id(context))
+            mark_arrival(_label(name))
             record_operation(name)
             started = time.perf_counter()
             stream = behaviour(request, context)
+            counted = False
             try:
                 self._authenticate(context)
                 with self._gate.admit():
@@ -129,20 +137,38 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         except StopAsyncIteration:
                             break
                         yield item
+                counted = True
+                self._finished(name, started)
             except Exception as exc:  # GeneratorExit and CancelledError (caller gone) pass
+                counted = True
                 await self._abort(context, name, as_golem_error(exc), started)
             finally:
                 await stream.aclose()
-            _finished(name, "OK", started)
+                # Neither answered nor failed: the caller went away mid-stream.
+                if not counted:
+                    self._count(name, grpc.StatusCode.CANCELLED, started)
 
         return call
 
     async def _abort(
         self, context: grpc.aio.ServicerContext, name: str, error: GolemError, started: float
     ) -> None:
-        _finished(name, error.code.name, started)
+        _log_finished(name, error.code.name, started)
+        self._count(name, error.code, started)
         record_error(error)
         await context.abort_with_status(error.to_status())
+
+    def _finished(self, name: str, started: float) -> None:
+        _log_finished(name, "OK", started)
+        self._count(name, grpc.StatusCode.OK, started)
+
+    def _count(self, name: str, code: grpc.StatusCode, started: float) -> None:
+        self._metrics.call_finished(_label(name), code, started)
+
+
+def _label(name: str) -> str:
+    """A method as metrics label it, service included (as the gateway's do)."""
+    return f"{EXAM_SERVICE_NAME}/{name}"
 
 
 def _parser(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -174,6 +200,6 @@ def _parsed_stream(parse: Callable[[bytes], Any], behaviour: Streaming) -> Strea
     return call
 
 
-def _finished(method: str, code: str, started: float) -> None:
+def _log_finished(method: str, code: str, started: float) -> None:
     ms = round((time.perf_counter() - started) * 1000, 1)
     log.info("call finished", extra={"method": method, "code": code, "ms": ms})

@@ -66,6 +66,9 @@ class ResidentBase:
     # Weights identity -> adapter name, so every spelling of a folder names one adapter.
     by_identity: dict[tuple[str, int, int], str] = field(default_factory=dict)
     uses: Counter[str] = field(default_factory=Counter)
+    # footprint_bytes() as of the last load, attach or detach: what a metrics scrape reads,
+    # since counting afresh walks every tensor and belongs on the model thread.
+    memory_bytes: int = 0
 
     @property
     def model_name(self) -> str:
@@ -167,6 +170,7 @@ class ResidentModels:
         if loaded.generation_config.eos_token_id is None:
             loaded.generation_config.eos_token_id = tokenizer.eos_token_id
         resident = ResidentBase(model, placement, tokenizer, loaded)
+        resident.memory_bytes = resident.footprint_bytes()
         self._bases[key] = resident
         elapsed = time.perf_counter_ns() - started
         log.info(
@@ -206,6 +210,7 @@ class ResidentModels:
         base.adapters[name] = folder
         base.by_identity.setdefault(folder.identity, name)
         self._evict(base, pinned | {name})
+        base.memory_bytes = base.footprint_bytes()
         return self._touch(base, name), time.perf_counter_ns() - started
 
     def named(self, base: ResidentBase, name: str, field: str = "adapter_name") -> str:
@@ -237,6 +242,7 @@ class ResidentModels:
         base.uses.pop(name, None)
         with as_loaded(base.model):
             _detach(base, peft_name(name))
+        base.memory_bytes = base.footprint_bytes()
         log.info("adapter unloaded", extra={"adapter": name, "path": folder.path})
 
     def resident(self) -> list[ResidentBase]:

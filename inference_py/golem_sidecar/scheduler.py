@@ -45,6 +45,9 @@ class Decoder:
         self._prefills: list[Prefill] = []
         # Sampling generators of the rows that sample, by id(row).
         self._generators: dict[int, Any] = {}
+        # The last step's decoding rows and the tokens they gained (metrics.py counts them).
+        self.stepped_rows = 0
+        self.stepped_tokens = 0
 
     @property
     def batches(self) -> list[Batch]:
@@ -77,6 +80,7 @@ class Decoder:
         stepped = [row for batch in self._batches.values() for row in batch.rows]
         for row in stepped:
             row.peak = max(row.peak, len(stepped))
+        tokens_before = sum(len(row.generated) for row in stepped)
         for key, batch in list(self._batches.items()):
             going = batch.choose(self._tokenizer, self._eos, self._generators)
             finished += [row for row in batch.rows if row.done]
@@ -87,6 +91,9 @@ class Decoder:
                 del self._batches[key]
         for row in finished:
             self._generators.pop(id(row), None)
+        self.stepped_rows = len(stepped)
+        # A cancelled or failed row leaves without a token, so this is not simply the rows.
+        self.stepped_tokens = sum(len(row.generated) for row in stepped) - tokens_before
         return finished
 
     def _read_prompts(self) -> None:

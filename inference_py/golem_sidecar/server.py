@@ -1,4 +1,5 @@
-"""The grpc.aio server: ExamService, grpc.health.v1 and reflection."""
+"""The grpc.aio server: ExamService, grpc.health.v1, reflection, and SidecarMetricsService for the
+gateway."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from golem_sidecar.config import SidecarConfig, confined_beyond_loopback, is_loo
 from golem_sidecar.engine import ExamEngine
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gate import FileChecks
-from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+from golem_sidecar.gen import exam_pb2, exam_pb2_grpc, metrics_pb2_grpc
 from golem_sidecar.grade_spec import resolve_grade
 from golem_sidecar.grader import grade_exam
 from golem_sidecar.grading import CONTAINS, EXACT_MATCH
 from golem_sidecar.interceptors import CallInterceptor
 from golem_sidecar.messages import FINISH_REASONS, quantization_info
+from golem_sidecar.metrics import MetricsServicer, SidecarMetrics
 from golem_sidecar.models import ResidentBase
 from golem_sidecar.registry import resolve_load, resolve_unload
 from golem_sidecar.session import ExamResult
@@ -264,7 +266,9 @@ class Sidecar:
     ) -> None:
         config = confined_beyond_loopback(config)
         self.config = config
-        self.engine = ExamEngine(config)
+        self.metrics = SidecarMetrics(config.limits)
+        self.engine = ExamEngine(config, self.metrics)
+        self.metrics.watch(self.engine.load)
         self.gate = CallGate()
         self.files = FileChecks()
         self.health = health.aio.HealthServicer()
@@ -275,7 +279,7 @@ class Sidecar:
         self.server = grpc.aio.server(
             interceptors=[
                 *server_interceptors(tracer_provider),
-                CallInterceptor(self.gate, bearer),
+                CallInterceptor(self.gate, self.metrics, bearer),
             ],
             options=[
                 ("grpc.max_receive_message_length", size),
@@ -286,6 +290,10 @@ class Sidecar:
             ExamServicer(config, self.engine, self.files), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Left out of reflection: it is the gateway's, not the callers'.
+        metrics_pb2_grpc.add_SidecarMetricsServiceServicer_to_server(
+            MetricsServicer(self.metrics, bearer), self.server
+        )
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )

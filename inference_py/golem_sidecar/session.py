@@ -19,6 +19,7 @@ from golem_sidecar.errors import GolemError, caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.grading import Grade, grade
 from golem_sidecar.lanes import group_by_lane
+from golem_sidecar.metrics import Arrival, SidecarMetrics
 from golem_sidecar.models import ResidentBase, ResidentModels, peft_name
 from golem_sidecar.passes import fits
 from golem_sidecar.scheduler import Decoder
@@ -79,12 +80,30 @@ class Session:
         max_tokens: int,
         take: Take,
         settle: Settle,
+        metrics: SidecarMetrics,
     ) -> None:
         self._models, self._limits, self._max_tokens = models, limits, max_tokens
-        self._take, self._settle = take, settle
+        self._take, self._settle, self._metrics = take, settle, metrics
         # Prepared but not admitted yet (no room), and admitted, by id(row).
         self._ready: deque[_Prepared] = deque()
         self._live: dict[int, _Prepared] = {}
+        # Admitted rows of timed calls (metrics.TIMED_TO_FIRST_TOKEN) with no token yet.
+        self._untimed: list[tuple[Row, Arrival]] = []
+        self._decoder: Decoder | None = None
+
+    @property
+    def running(self) -> int:
+        """Rows admitted and not answered (read by a metrics scrape, off the model thread)."""
+        return len(self._live)
+
+    def cache_tokens(self) -> int:
+        """KV-cache columns the decoding rows hold, padding included: rows x width of each
+        running batch. Read off the model thread: a batch's rows and mask may be a step apart,
+        which makes the reading a row off at worst."""
+        decoder = self._decoder
+        if decoder is None:
+            return 0
+        return sum(len(batch.rows) * int(batch.mask.shape[1]) for batch in decoder.batches)
 
     def run(self, first: list[Pending]) -> None:
         spec = first[0].spec
@@ -95,16 +114,32 @@ class Session:
                 self._settle(pending, err)
             return
         decoder = Decoder(base.tokenizer, base.input_device, eos_ids(base.model, base.tokenizer))
+        self._decoder = decoder
         self._prepare(base, first, base_ns)
         with torch.inference_mode():
             while True:
                 self._admit(base, decoder)
                 if not decoder.rows:
                     return
-                for row in decoder.step():
+                finished = decoder.step()
+                self._metrics.decode_step(decoder.stepped_rows, decoder.stepped_tokens)
+                self._time_first_tokens()
+                for row in finished:
                     item = self._live.pop(id(row))
                     decode_ns = time.perf_counter_ns() - item.admitted_at
                     self._settle(item.pending, _result(base, item, decode_ns))
+
+    def _time_first_tokens(self) -> None:
+        """Times the rows that got their first token in this step."""
+        if not self._untimed:
+            return
+        now, still = time.perf_counter_ns(), []
+        for row, arrival in self._untimed:
+            if row.generated:
+                self._metrics.first_token(arrival, now)
+            elif not row.done:
+                still.append((row, arrival))
+        self._untimed = still
 
     def _prepare(self, base: ResidentBase, batch: list[Pending], base_ns: int = 0) -> None:
         """Attaches each request's adapter and encodes its prompt; a request that fails here
@@ -155,6 +190,9 @@ class Session:
         for item in admitted:
             item.admitted_at = now
             self._live[id(item.row)] = item
+        self._untimed += [
+            (item.row, item.pending.arrival) for item in admitted if item.pending.arrival
+        ]
         for lane, items in group_by_lane(admitted, _adapter, base.lane):
             decoder.admit(lane, [item.row for item in items])
 

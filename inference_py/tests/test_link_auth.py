@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from golem_sidecar.auth import BearerCheck
 from golem_sidecar.config import Link
-from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
+from golem_sidecar.gen import exam_pb2, exam_pb2_grpc, metrics_pb2, metrics_pb2_grpc
 from golem_sidecar.server import Sidecar
 from tests.conftest import tiny_config
 from tests.rpc import failure
@@ -74,6 +74,13 @@ async def test_every_exam_method_needs_the_token_and_health_does_not(
                 exam_pb2.ListAdaptersRequest(), metadata=bearer(TOKEN)
             )
             assert list(listing.adapters) == []
+            # The gateway's metrics scrape names models and adapter paths: token too.
+            metrics = metrics_pb2_grpc.SidecarMetricsServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await metrics.Scrape(metrics_pb2.ScrapeRequest(), metadata=bearer("wrong"))
+            assert failure(refused.value).reason == "UNAUTHENTICATED"
+            scraped = await metrics.Scrape(metrics_pb2.ScrapeRequest(), metadata=bearer(TOKEN))
+            assert "vllm:num_requests_waiting" in scraped.text
             # Probes carry no token.
             health = health_pb2_grpc.HealthStub(channel)
             answer = await health.Check(health_pb2.HealthCheckRequest(service=""))

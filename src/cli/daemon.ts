@@ -82,10 +82,11 @@ export async function connectOrStart(
   }
   process.stderr.write(`golem: no daemon at ${address}; starting one for this call\n`);
   try {
-    // Any free loopback port, private to this call: plaintext, whatever the daemon's TLS setting.
+    // Any free loopback port, private to this call: plaintext, whatever the daemon's TLS setting,
+    // and no metrics port (a daemon may hold it; nobody scrapes a gateway that lives one call).
     const security = { ...config.security, tlsCertFile: '', tlsKeyFile: '' };
     const gateway = await startGateway(
-      { ...config, security },
+      { ...config, security, metrics: { listen: '' } },
       { listen: '127.0.0.1:0', logger: createLogger(config.logLevel) },
     );
     const client = new Client(gateway.address, credentials.createInsecure());

@@ -1,11 +1,12 @@
 /**
  * The one gate every call goes through: grpc-js server interceptors for the request id, logging,
- * error details, the shutdown gate and bearer auth. Handlers hold only forwarding, so an RPC added
+ * metrics, error details, the shutdown gate and bearer auth. Handlers hold only forwarding, so an RPC added
  * to the proto gets all of this without a line of its own.
  *
  * grpc-js wraps the interceptors in array order: the first sees a call's metadata first and its
  * status last. So the request id is set before anything logs, the log line shows the status as it
- * leaves, and refusals (shutdown, auth) pass back out through error details, logging and the id.
+ * leaves, and refusals (shutdown, auth) pass back out through error details, metrics, logging and
+ * the id.
  */
 import { randomUUID } from 'node:crypto';
 import {
@@ -21,6 +22,7 @@ import type { Logger } from '../log';
 import { HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAMES, REQUEST_ID_KEY, serviceOfPath } from '../wire';
 import type { Authorizer } from './auth';
 import { GrpcError, withErrorInfo, type CallStatus } from './errors';
+import { callMetrics, type GatewayMetrics } from './metrics';
 import { SHUTTING_DOWN, unavailable } from './sidecar-link';
 
 // A caller's id is kept when it is printable ASCII of sane length; anything else is replaced,
@@ -51,6 +53,7 @@ export interface GateOptions {
   production: boolean;
   authorize: Authorizer;
   shutdown: ShutdownGate;
+  metrics: GatewayMetrics;
 }
 
 /** The gateway's interceptors, in the order grpc-js needs them (see the module comment). */
@@ -58,6 +61,7 @@ export function gatewayInterceptors(options: GateOptions): ServerInterceptor[] {
   return [
     requestIds(),
     callLogging(options.logger, options.production),
+    callMetrics(options.metrics),
     errorDetails(),
     refuseGated(() => (options.shutdown.closed ? shuttingDown() : undefined)),
     refuseGated((metadata) => authorization(options.authorize, metadata)),

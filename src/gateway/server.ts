@@ -19,6 +19,7 @@ import { forwardingHandlers, rawExamService } from './forward';
 import { createHealth } from './health';
 import { InFlightCalls } from './in-flight';
 import { gatewayInterceptors, ShutdownGate } from './interceptors';
+import { GatewayMetrics, serveMetrics, type MetricsEndpoint } from './metrics';
 import { createReflection } from './reflection';
 import { isLoopback, sidecarConfig } from './roots';
 import { SHUTTING_DOWN, SidecarLink, unavailable } from './sidecar-link';
@@ -42,6 +43,8 @@ export interface Gateway {
   port: number;
   /** The sidecar's own address (a Unix socket when the gateway spawned it). */
   sidecarAddress: string;
+  /** Where GET /metrics answers (`host:port`, port as bound); undefined when metrics are off. */
+  metricsAddress?: string;
   /** The process id of the sidecar the gateway spawned, if it did. */
   sidecarPid(): number | undefined;
   /**
@@ -67,11 +70,13 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   const link = new SidecarLink(health, config.limits.maxMessageBytes, transport);
   const inFlight = new InFlightCalls();
   const shutdown = new ShutdownGate();
+  const metrics = new GatewayMetrics();
   const interceptors = gatewayInterceptors({
     logger,
     production: config.production,
     authorize: bearerAuthorizer(token),
     shutdown,
+    metrics,
   });
   const server = new Server({ ...messageSizeOptions(config.limits.maxMessageBytes), interceptors });
   server.addService(
@@ -87,7 +92,10 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   logger.info('gateway listening', { address });
 
   let supervisor: SidecarSupervisor | undefined;
+  let metricsEndpoint: MetricsEndpoint | undefined;
   try {
+    // Up before the sidecar, like the gateway's port: a scrape while the model loads says so.
+    if (config.metrics.listen) metricsEndpoint = await serveMetrics(config.metrics.listen, metrics, link, logger);
     if (!config.sidecar.address) {
       supervisor = await SidecarSupervisor.start(sidecarConfig(config, listen, logger), logger, {
         onDown: (info) => {
@@ -108,6 +116,7 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
   } catch (err) {
     listener.close();
     server.forceShutdown();
+    await metricsEndpoint?.close();
     throw err;
   }
   const sidecarAddress = supervisor?.address ?? config.sidecar.address;
@@ -137,6 +146,7 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
     address,
     port,
     sidecarAddress,
+    metricsAddress: metricsEndpoint?.address,
     sidecarPid: () => supervisor?.pid,
     close: async () => {
       logger.info('gateway shutting down', { calls_in_flight: inFlight.size, grace_ms: config.limits.shutdownGraceMs });
@@ -147,6 +157,7 @@ export async function startGateway(config: GolemConfig, options: GatewayOptions 
       await drain(server, inFlight, config.limits.shutdownGraceMs, logger);
       link.close();
       await supervisor?.stop();
+      await metricsEndpoint?.close();
       logger.info('gateway stopped', { address });
     },
   };

@@ -89,6 +89,7 @@ describe('loadConfig', () => {
         delete raw.security[key];
       }
       delete raw.tracing;
+      delete raw.metrics;
     });
     expect(loadConfig({ file, env: {} })).toEqual(loadConfig({ env: {} }));
   });
@@ -120,6 +121,15 @@ describe('loadConfig', () => {
     expect(() => loadConfig({ file, env: {} })).toThrow(
       /sidecar\.healthFailures: .*limits\.maxModels: .*security\.allowHubDownloads: /,
     );
+  });
+
+  it('refuses a metrics.listen that is not host:port, naming the key', () => {
+    const file = writeConfig('metrics.json', (raw) => {
+      raw.metrics = { listen: '9464' };
+    });
+    expect(() => loadConfig({ file, env: {} })).toThrow(/metrics\.listen: must be host:port/);
+    const ipv6 = loadConfig({ env: { GOLEM_METRICS_LISTEN: '[::1]:0' } });
+    expect(ipv6.metrics.listen).toBe('[::1]:0');
   });
 
   it('reads the seed profile with its 4-bit quantization object', () => {
@@ -178,6 +188,7 @@ describe('loadConfig', () => {
         GOLEM_OTLP_ENDPOINT: 'http://collector:4317',
         GOLEM_SIDECAR_TLS_CA_FILE: '/etc/golem/sidecar-ca.pem',
         GOLEM_SIDECAR_ALLOW_INSECURE: 'false',
+        GOLEM_METRICS_LISTEN: '127.0.0.1:9464',
       },
     });
     expect(config).toMatchObject({
@@ -194,6 +205,7 @@ describe('loadConfig', () => {
       limits: { maxNewTokensCap: 64, requestTimeoutMs: 1000, shutdownGraceMs: 2500 },
       security: { tlsCertFile: '/etc/golem/cert.pem', tlsKeyFile: '/etc/golem/key.pem' },
       tracing: { otlpEndpoint: 'http://collector:4317' },
+      metrics: { listen: '127.0.0.1:9464' },
     });
   });
 
