@@ -129,6 +129,9 @@ class ExamEngine:
         pending = Pending(
             spec, cancelled, loop.create_future(), streamed, load_ns=load_ns, arrival=ARRIVAL.get()
         )
+        adapter = spec.adapter_name or (spec.adapter.path if spec.adapter else None)
+        if adapter is not None:
+            self._metrics.adapter_request(adapter)
         queue.submit(pending)
         try:
             result: ExamResult = await pending.future

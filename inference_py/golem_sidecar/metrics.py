@@ -168,6 +168,15 @@ class SidecarMetrics:
             "Tokens generated for TakeExam, StreamExam and GradeExam's answers.",
             registry=self.registry,
         )
+        # Which adapters this replica serves, as a mesh hashing on x-golem-adapter sends them:
+        # the resident gauges say what is held, not what is asked for.
+        self._adapter_requests = Counter(
+            "golem_adapter_requests",
+            "Requests queued for generation with an adapter, by the adapter's LoadAdapter name "
+            "or its path as the request gave it.",
+            ["adapter"],
+            registry=self.registry,
+        )
 
     def watch(self, read: Callable[[], EngineLoad]) -> None:
         """Reads the engine's state at every scrape through ``read``."""
@@ -177,6 +186,10 @@ class SidecarMetrics:
         """Counts a call with its status; ``started`` is its perf_counter() at arrival."""
         self._calls.labels(method, code.name).inc()
         self._durations.labels(method).observe(time.perf_counter() - started)
+
+    def adapter_request(self, adapter: str) -> None:
+        """Counts a request queued for ``adapter`` (a LoadAdapter name or a folder as given)."""
+        self._adapter_requests.labels(adapter).inc()
 
     def decode_step(self, rows: int, tokens: int) -> None:
         """Counts one decode step of ``rows`` rows that generated ``tokens`` tokens."""

@@ -33,6 +33,7 @@ NAMES = {
     "golem_generated_tokens",
     "golem_resident_model_bytes",
     "golem_resident_adapter_bytes",
+    "golem_adapter_requests",
 }
 
 
@@ -167,6 +168,39 @@ async def test_a_scrape_during_load_shows_every_name_with_values_that_move(
     assert info.value >= before.families["vllm:lora_requests_info"].samples[0].value
     assert after.value("golem_resident_model_bytes", model=tiny["model"]) > 0
     assert after.value("golem_resident_adapter_bytes", adapter="genres") > 0
+
+
+async def test_requests_are_counted_by_adapter_name_or_path_and_bare_base_ones_not_at_all(
+    small_batches: tuple[exam_pb2_grpc.ExamServiceStub, metrics_pb2_grpc.SidecarMetricsServiceStub],
+    tiny: dict[str, str],
+) -> None:
+    exams, metrics = small_batches
+    await exams.LoadAdapter(
+        exam_pb2.LoadAdapterRequest(name="genres", adapter_path=tiny["adapter"])
+    )
+    before = await scrape(metrics)
+    by_path = exam_pb2.TakeExamRequest(
+        prompt="Dune", max_new_tokens=2, adapter_path=tiny["adapter_b"]
+    )
+    await asyncio.gather(
+        exams.TakeExam(
+            exam_pb2.TakeExamRequest(prompt="Dune", max_new_tokens=2, adapter_name="genres")
+        ),
+        _stream(exams),
+        exams.TakeExam(by_path),
+        exams.TakeExam(by_path),
+        exams.TakeExam(by_path),
+        exams.TakeExam(
+            exam_pb2.TakeExamRequest(prompt="Dune", max_new_tokens=2, disable_adapter=True)
+        ),
+    )
+    after = await scrape(metrics)
+
+    assert before.families["golem_adapter_requests"].samples == []
+    assert after.value("golem_adapter_requests", "_total", adapter="genres") == 2
+    assert after.value("golem_adapter_requests", "_total", adapter=tiny["adapter_b"]) == 3
+    # The bare base is no adapter: five counted of the six calls.
+    assert after.total("golem_adapter_requests") == 5
 
 
 async def test_refused_calls_are_counted_by_their_code(
