@@ -33,6 +33,8 @@ const PROMPT = 'Instruction: Which genre is Dune?\nResponse:';
 
 interface Replica {
   port: number;
+  /** Its gateway's metrics.listen port: GET /metrics, the gateway's and its sidecar's. */
+  metricsPort: number;
   daemon: Daemon;
 }
 
@@ -70,10 +72,19 @@ describeMesh(title, () => {
     });
     const ports = [await freePort(), await freePort(), await freePort()];
     for (const port of ports) {
+      const metricsPort = await freePort();
       const config = path.join(dir, `replica-${port}.json`);
       // Info level: "sidecar ready" names the sidecar's pid, for the clean-up.
-      writeFileSync(config, JSON.stringify({ ...tinyConfig(models), listen: `127.0.0.1:${port}`, logLevel: 'info' }));
-      replicas.push({ port, daemon: serve(config) });
+      writeFileSync(
+        config,
+        JSON.stringify({
+          ...tinyConfig(models),
+          listen: `127.0.0.1:${port}`,
+          metrics: { listen: `127.0.0.1:${metricsPort}` },
+          logLevel: 'info',
+        }),
+      );
+      replicas.push({ port, metricsPort, daemon: serve(config) });
     }
     await Promise.all(replicas.map((r) => r.daemon.ready));
     sidecars.push(...replicas.map((r) => sidecarPid(r.daemon)));
@@ -123,24 +134,19 @@ describeMesh(title, () => {
   }
 
   /**
-   * What each live replica says it served, per adapter: its resident adapters' use counts
-   * (ListAdapters asked of the replica itself, not through a proxy).
+   * What each live replica says it served, per adapter: golem_adapter_requests_total from its own
+   * metrics endpoint (docs/metrics.md), not from a proxy.
    */
   async function served(): Promise<Landing> {
     const landing: Landing = new Map(adapters.map((a) => [a, new Map<number, number>()]));
     for (const replica of replicas) {
       if (replica.daemon.child.exitCode !== null || replica.daemon.child.signalCode !== null) continue;
-      const direct = examClient(`127.0.0.1:${replica.port}`);
-      const response = await new Promise<{ adapters: { adapter?: { path: string }; uses: number }[] }>(
-        (resolve, reject) =>
-          direct.listAdapters(ListAdaptersRequest.fromPartial({}), (error, answer) =>
-            error ? reject(error) : resolve(answer),
-          ),
-      );
-      direct.close();
-      for (const resident of response.adapters) {
-        const byPort = landing.get(resident.adapter?.path ?? '');
-        byPort?.set(replica.port, resident.uses);
+      const response = await fetch(`http://127.0.0.1:${replica.metricsPort}/metrics`);
+      expect(response.status).toBe(200);
+      for (const match of (await response.text()).matchAll(
+        /^golem_adapter_requests_total\{adapter="(.*)"\} (\S+)$/gm,
+      )) {
+        landing.get(match[1])?.set(replica.port, Number(match[2]));
       }
     }
     return landing;
