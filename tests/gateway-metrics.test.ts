@@ -36,6 +36,7 @@ const SIDECAR_NAMES = [
   'golem_generated_tokens',
   'golem_resident_model_bytes',
   'golem_resident_adapter_bytes',
+  'golem_adapter_requests',
 ];
 
 interface Sample {
