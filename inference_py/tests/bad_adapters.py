@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tests.tiny_models import build_foreign_adapters
+from tests.tiny_models import build_foreign_adapters, build_model
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -81,8 +81,10 @@ def _escaping(adapter: str, inside: Path, outside: Path) -> dict[str, str]:
 
 def build_bad_adapters(tiny: dict[str, str], inside: Path, outside: Path) -> dict[str, str]:
     """Every bad adapter by name: broken ones, foreign ones (made for other bases) and a missing one
-    under ``inside``; escapes from ``inside`` to ``outside``; and ``unloaded_model``, a copy of the
-    tiny base that no daemon has loaded yet (asking for it means loading it)."""
+    under ``inside``; escapes from ``inside`` to ``outside``; and ``unloaded_model``, a base that
+    no daemon has loaded yet (asking for it means loading it). It is wide (hidden size 1024, about
+    80 MB) so that loading it takes far longer than the deadline case's 30 ms: the tiny base loads
+    in under 20 ms from a warm page cache, and the case then saw an answer, not the deadline."""
     inside.mkdir(parents=True, exist_ok=True)
     outside.mkdir(parents=True, exist_ok=True)
     adapter_file = inside / "adapter.safetensors"
@@ -92,7 +94,7 @@ def build_bad_adapters(tiny: dict[str, str], inside: Path, outside: Path) -> dic
         **_broken_weights(tiny["adapter"], inside),
         "adapter_file": adapter_file,
         "adapter_missing": inside / "no_such_adapter",
-        "unloaded_model": _copy(tiny["model"], inside / "unloaded_model"),
+        "unloaded_model": build_model(inside / "unloaded_model", hidden_size=1024),
     }
     return {
         **{name: str(path) for name, path in made.items()},
