@@ -3,10 +3,8 @@
  * models by the sidecar suite's own builder (inference_py/tests/bad_adapters.py), so that both
  * suites throw the same folders at golem.
  */
-import { execFileSync } from 'node:child_process';
-import path from 'node:path';
-import { PACKAGE_ROOT } from '../../src/config';
-import { PYTHON, type TinyModels } from './tiny-models';
+import { pythonFixtures } from './python-fixtures';
+import type { TinyModels } from './tiny-models';
 
 export interface BadAdapters {
   missing: string;
@@ -39,19 +37,8 @@ export interface BadAdapters {
 
 /** Builds every bad adapter under `root` (inside the daemon's roots) and `outside` (not). */
 export function badAdapters(models: TinyModels, root: string, outside: string): BadAdapters {
-  const printed = execFileSync(PYTHON, ['-m', 'tests.bad_adapters', JSON.stringify(models), root, outside], {
-    // From inference_py/, `tests` is the sidecar suite's package.
-    cwd: path.join(PACKAGE_ROOT, 'inference_py'),
-    env: { ...process.env, HF_HUB_OFFLINE: '1' },
-    stdio: ['ignore', 'pipe', 'ignore'],
-  }).toString();
-  const built = JSON.parse(printed) as Record<string, string | undefined>;
-  // The builder's names for the cases (bad_adapters.py), by this suite's names.
-  const take = (key: string): string => {
-    const found = built[key];
-    if (found === undefined) throw new Error(`bad_adapters.py built no "${key}"`);
-    return found;
-  };
+  // The builder's names for the cases (bad_adapters.py), by this suite's names below.
+  const take = pythonFixtures('bad_adapters', [JSON.stringify(models), root, outside]);
   return {
     missing: take('adapter_missing'),
     file: take('adapter_file'),

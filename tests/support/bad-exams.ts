@@ -2,10 +2,7 @@
  * Good, broken and out-of-bounds exam files for GradeExam, made by the sidecar suite's own builder
  * (inference_py/tests/bad_exams.py), so that both suites send the same files to golem.
  */
-import { execFileSync } from 'node:child_process';
-import path from 'node:path';
-import { PACKAGE_ROOT } from '../../src/config';
-import { PYTHON } from './tiny-models';
+import { pythonFixtures } from './python-fixtures';
 
 export interface BadExams {
   /** The folder to put in security.examRoots; everything below but `outside*` is inside it. */
@@ -51,19 +48,8 @@ export interface BadExams {
 
 /** Builds every exam case under `dir` (the root is `dir/exams`, outside it `dir/outside`). */
 export function badExams(dir: string): BadExams {
-  const printed = execFileSync(PYTHON, ['-m', 'tests.bad_exams', dir], {
-    // From inference_py/, `tests` is the sidecar suite's package.
-    cwd: path.join(PACKAGE_ROOT, 'inference_py'),
-    env: { ...process.env, HF_HUB_OFFLINE: '1' },
-    stdio: ['ignore', 'pipe', 'ignore'],
-  }).toString();
-  const built = JSON.parse(printed) as Record<string, string | undefined>;
-  // The builder's names for the cases (bad_exams.py), by this suite's names.
-  const take = (key: string): string => {
-    const found = built[key];
-    if (found === undefined) throw new Error(`bad_exams.py built no "${key}"`);
-    return found;
-  };
+  // The builder's names for the cases (bad_exams.py), by this suite's names below.
+  const take = pythonFixtures('bad_exams', [dir]);
   return {
     root: take('exam_root'),
     good: take('good_exam'),
