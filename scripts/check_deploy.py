@@ -162,11 +162,13 @@ def check_pod(checks: Checks, manifests: list[Manifest], variant: str) -> None:
         f"{variant}: startup probe window {window} s >= startTimeoutMs {start_s} s",
     )
 
-    # Probes: the gRPC port, "" for the process, the exam service for readiness.
+    # Probes: the gRPC port, "" for start-up, the gateway's own name for liveness, the exam
+    # service for readiness.
     exam_service = source_constant("src/wire.ts", "EXAM_SERVICE_NAME")
+    liveness = source_constant("src/wire.ts", "LIVENESS_SERVICE_NAME")
     for probe, service in (
         ("startupProbe", ""),
-        ("livenessProbe", ""),
+        ("livenessProbe", liveness),
         ("readinessProbe", exam_service),
     ):
         grpc = container[probe]["grpc"]

@@ -21,6 +21,12 @@ export const ERROR_DOMAIN = 'golem.dev';
 /** The exam service, as registered for health checks on both processes. */
 export const EXAM_SERVICE_NAME = 'golem.exam.v1.ExamService';
 
+/**
+ * A health name that is SERVING for as long as the gateway answers, whatever its sidecar is doing:
+ * for liveness probes, which should restart a wedged gateway, not one whose sidecar is restarting.
+ */
+export const LIVENESS_SERVICE_NAME = 'liveness';
+
 /** grpc.health.v1, open to probes without a token. */
 export const HEALTH_SERVICE_NAME = 'grpc.health.v1.Health';
 

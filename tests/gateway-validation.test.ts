@@ -50,9 +50,11 @@ describe('gateway, sidecar unreachable', () => {
     }
   });
 
-  it('reports NOT_SERVING while the sidecar is not serving', async () => {
+  it('reports NOT_SERVING while the sidecar is not serving, and liveness SERVING all the same', async () => {
     expect(await healthStatus(gateway.address, '')).toBe('NOT_SERVING');
     expect(await healthStatus(gateway.address, 'golem.exam.v1.ExamService')).toBe('NOT_SERVING');
+    // The gateway answers: a liveness probe must not restart it for its sidecar's sake.
+    expect(await healthStatus(gateway.address, 'liveness')).toBe('SERVING');
   });
 });
 
