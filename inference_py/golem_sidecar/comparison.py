@@ -143,11 +143,8 @@ def _attach(models: ResidentModels, base: ResidentBase, spec: CompareSpec) -> li
     names: list[str | None] = [None]
     pinned: set[str] = set()
     for compared in spec.models:
-        if compared.registered is not None:
-            name = models.named(base, compared.registered, "adapters")
-        else:
-            assert compared.folder is not None
-            name, _ = models.adapter(base, compared.folder, pinned=pinned)
+        name = models.wear(base, compared.folder, compared.registered, pinned)
+        assert name is not None, "a compared model is an adapter, never the bare base"
         if name in pinned:
             # A registered name and a path can name the same weights; each is compared once.
             raise invalid_argument(

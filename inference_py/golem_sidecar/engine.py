@@ -323,12 +323,11 @@ class ExamEngine:
 
         def scoring() -> list[Loglikelihood]:
             base, _ = self._models.base(model, placement)
-            pinned: set[str] = set()
+            adapters = self._worn(base, [graded for _, _, graded in pairs])
             items = []
             for context, continuation, graded in pairs:
-                adapter = self._peft_adapter(base, graded, pinned)
                 try:
-                    item = pair_item(base.tokenizer, context, continuation, adapter)
+                    item = pair_item(base.tokenizer, context, continuation, adapters[graded])
                 except ValueError as error:
                     raise invalid_argument("answer", str(error)) from None
                 check_context(base, item.width, 0)
@@ -345,18 +344,17 @@ class ExamEngine:
             raise
         return result
 
-    def _peft_adapter(
-        self, base: ResidentBase, graded: GradedModel, pinned: set[str]
-    ) -> str | None:
-        """The peft name a graded model wears on ``base``, attaching its folder if needed;
-        None for the bare base."""
-        if graded.registered is not None:
-            return peft_name(self._models.named(base, graded.registered, "adapters"))
-        if graded.folder is None:
-            return None
-        name, _ = self._models.adapter(base, graded.folder, pinned=pinned)
-        pinned.add(name)
-        return peft_name(name)
+    def _worn(self, base: ResidentBase, graded: list[GradedModel]) -> dict[GradedModel, str | None]:
+        """The peft name each distinct graded model wears on ``base`` (None for the bare base),
+        looked up once per model: each lookup counts as a use of the adapter (ListAdapters)."""
+        pinned: set[str] = set()
+        worn: dict[GradedModel, str | None] = {}
+        for model in dict.fromkeys(graded):
+            name = self._models.wear(base, model.folder, model.registered, pinned)
+            if name is not None:
+                pinned.add(name)
+            worn[model] = None if name is None else peft_name(name)
+        return worn
 
     async def preload(self) -> None:
         """Loads the default base, and the default adapter when its folder exists, so the first

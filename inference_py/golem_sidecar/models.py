@@ -220,6 +220,24 @@ class ResidentModels:
             raise self.not_loaded(name, base.model_name, field)
         return self._touch(base, name)
 
+    def wear(
+        self,
+        base: ResidentBase,
+        folder: AdapterFolder | None,
+        registered: str | None,
+        pinned: Set[str],
+        field: str = "adapters",
+    ) -> str | None:
+        """The name on ``base`` of an adapter a caller gave as a registered name or a folder
+        (CompareAdapters, GradeExam), attaching a folder if needed without evicting ``pinned``;
+        None for the bare base (neither given)."""
+        if registered is not None:
+            return self.named(base, registered, field)
+        if folder is None:
+            return None
+        name, _ = self.adapter(base, folder, pinned=pinned)
+        return name
+
     @staticmethod
     def not_loaded(name: str, model_name: str, field: str) -> Exception:
         return not_found(
