@@ -2,13 +2,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import type { Browser, Page } from 'playwright-core';
-import {
-  collectDisagreements,
-  disagreement,
-  MAX_DISAGREEMENTS,
-  renderReport,
-  type GradeReport,
-} from '../src/cli/report';
+import { disagreement, MAX_DISAGREEMENTS, renderReport, type GradeReport } from '../src/cli/report';
 import { FinishReason, type ExamSummary, type ItemResult } from '../src/gen/golem/exam/v1/exam';
 import { boxOf, openInChromium, summaryCells } from './support/chromium';
 
@@ -153,26 +147,6 @@ describe('disagreement', () => {
     expect(disagreement(base, result('q1', 'genres', 'fantasy', 1, -0.3), 'exact_match')).toBe(false);
     expect(disagreement(base, result('q1', 'genres', 'Fantasy.', 0, -1.2), 'exact_match')).toBe(true);
     expect(disagreement(base, result('q1', 'genres', 'fantasy', 1, -0.3), 'mean_logprob')).toBe(true);
-  });
-});
-
-describe('collectDisagreements', () => {
-  it(`pairs each adapter with the base per item and keeps the first ${MAX_DISAGREEMENTS}`, () => {
-    const results: ItemResult[] = [];
-    for (let i = 0; i < MAX_DISAGREEMENTS + 5; i += 1) {
-      results.push(result(`q${i}`, '__base__', 'a', 0, -1), result(`q${i}`, 'genres', 'b', 1, -1));
-    }
-    results.push(result('same', '__base__', 'x', 1, -1), result('same', 'genres', 'y', 1, -3));
-    const { disagreements, disagreementsOmitted } = collectDisagreements(results, summary);
-    expect(disagreements).toHaveLength(MAX_DISAGREEMENTS);
-    expect(disagreementsOmitted).toBe(5);
-    expect(disagreements[0]).toEqual({ itemId: 'q0', model: 'genres', base: results[0], adapter: results[1] });
-    expect(disagreements.map((d) => d.itemId)).not.toContain('same');
-  });
-
-  it('finds none when the base was not graded', () => {
-    const results = [result('q1', 'genres', 'b', 1, -1)];
-    expect(collectDisagreements(results, summary)).toEqual({ disagreements: [], disagreementsOmitted: 0 });
   });
 });
 

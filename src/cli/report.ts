@@ -60,33 +60,6 @@ export function disagreement(base: ItemResult, adapter: ItemResult, primaryScore
   return base.scores[primaryScorer] !== adapter.scores[primaryScorer];
 }
 
-/**
- * Pairs each adapter's result with the base's result for the same item and keeps the first
- * MAX_DISAGREEMENTS that disagree, counting the rest. Empty when the base was not graded.
- */
-export function collectDisagreements(
-  results: Iterable<ItemResult>,
-  summary: ExamSummary,
-): Pick<GradeReport, 'disagreements' | 'disagreementsOmitted'> {
-  const scorer = primaryScorer(summary);
-  const found: Disagreement[] = [];
-  let omitted = 0;
-  if (scorer === undefined) return { disagreements: found, disagreementsOmitted: omitted };
-  const bases = new Map<string, ItemResult>();
-  const adapters: ItemResult[] = [];
-  for (const result of results) {
-    if (result.model === BASE_MODEL) bases.set(result.itemId, result);
-    else adapters.push(result);
-  }
-  for (const adapter of adapters) {
-    const base = bases.get(adapter.itemId);
-    if (base === undefined || !disagreement(base, adapter, scorer)) continue;
-    if (found.length < MAX_DISAGREEMENTS) found.push({ itemId: adapter.itemId, model: adapter.model, base, adapter });
-    else omitted += 1;
-  }
-  return { disagreements: found, disagreementsOmitted: omitted };
-}
-
 /** The report as one HTML document. */
 export function renderReport(report: GradeReport): string {
   const { summary } = report;
