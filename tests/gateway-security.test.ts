@@ -3,7 +3,6 @@
  * with openssl) and a bearer token, on the tiny model; called over gRPC and through the CLI.
  */
 import { credentials, Metadata, status, type ChannelCredentials } from '@grpc/grpc-js';
-import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -12,6 +11,7 @@ import { startGateway } from '../src/gateway/server';
 import type { ExamServiceClient } from '../src/gen/golem/exam/v1/exam';
 import { buildCli, CLI_ENV, golem, serve, stopDaemon, type Daemon } from './support/daemon';
 import { examClient, healthStatus, listServices, takeExam } from './support/grpc';
+import { makeCa } from './support/tls';
 import { tinyConfig, tinyModels } from './support/tiny-models';
 
 const TOKEN = 's3cret-token-that-must-never-be-logged';
@@ -34,29 +34,10 @@ describe('gateway with TLS and a bearer token', () => {
   beforeAll(async () => {
     buildCli();
     dir = mkdtempSync(path.join(os.tmpdir(), 'golem-security-'));
-    cert = path.join(dir, 'cert.pem');
-    const key = path.join(dir, 'key.pem');
-    execFileSync(
-      'openssl',
-      [
-        'req',
-        '-x509',
-        '-newkey',
-        'rsa:2048',
-        '-nodes',
-        '-days',
-        '1',
-        '-subj',
-        '/CN=localhost',
-        '-addext',
-        'subjectAltName=IP:127.0.0.1',
-        '-keyout',
-        key,
-        '-out',
-        cert,
-      ],
-      { stdio: 'ignore' },
-    );
+    // Self-signed for 127.0.0.1: the CLI and clients trust it as their CA (--tls-ca).
+    const made = makeCa(dir, 'localhost', ['127.0.0.1']);
+    cert = made.cert;
+    const key = made.key;
     const config = tinyConfig(tinyModels());
     const configFile = path.join(dir, 'golem.json');
     writeFileSync(

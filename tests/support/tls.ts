@@ -12,8 +12,11 @@ function openssl(...args: string[]): void {
   execFileSync('openssl', args, { stdio: 'ignore' });
 }
 
-/** A self-signed CA in `dir`, as `<name>.pem` and `<name>.key`. */
-export function makeCa(dir: string, name: string): CertificateAuthority {
+/**
+ * A self-signed certificate in `dir`, as `<name>.pem` and `<name>.key`: a CA, or, given `ips`, a
+ * server's own certificate for those addresses, which its clients trust directly.
+ */
+export function makeCa(dir: string, name: string, ips: string[] = []): CertificateAuthority {
   const cert = path.join(dir, `${name}.pem`);
   const key = path.join(dir, `${name}.key`);
   openssl(
@@ -26,12 +29,17 @@ export function makeCa(dir: string, name: string): CertificateAuthority {
     '1',
     '-subj',
     `/CN=${name}`,
+    ...(ips.length > 0 ? ['-addext', subjectAltName(ips)] : []),
     '-keyout',
     key,
     '-out',
     cert,
   );
   return { cert, key };
+}
+
+function subjectAltName(ips: string[]): string {
+  return `subjectAltName=${ips.map((ip) => `IP:${ip}`).join(',')}`;
 }
 
 /** A server certificate for the IP addresses `ips`, signed by `ca`. */
@@ -45,7 +53,7 @@ export function makeServerCert(
   const key = path.join(dir, `${name}.key`);
   const request = path.join(dir, `${name}.csr`);
   const extensions = path.join(dir, `${name}.ext`);
-  writeFileSync(extensions, `subjectAltName=${ips.map((ip) => `IP:${ip}`).join(',')}\n`);
+  writeFileSync(extensions, `${subjectAltName(ips)}\n`);
   openssl('req', '-newkey', 'rsa:2048', '-nodes', '-subj', `/CN=${name}`, '-keyout', key, '-out', request);
   openssl(
     'x509',
