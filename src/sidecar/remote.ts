@@ -6,7 +6,7 @@
  * that brings it back.
  */
 import { SidecarClient } from './client';
-import type { LivenessSettings } from './liveness';
+import { pollHealth, type LivenessSettings } from './liveness';
 import type { SidecarTransport } from './transport';
 
 /** What the gateway hears about its remote sidecar. */
@@ -27,17 +27,9 @@ export function watchRemoteSidecar(
   settings: LivenessSettings,
   events: RemoteSidecarEvents,
 ): () => void {
-  const client = new SidecarClient(address, {}, transport);
   let up = true;
   let misses = 0;
-  let stopped = false;
-  let timer: NodeJS.Timeout | undefined;
-  const check = async (): Promise<void> => {
-    const answer = await client.checkHealth(settings.timeoutMs).then(
-      (status) => ({ status, error: undefined }),
-      (error: Error) => ({ status: undefined, error }),
-    );
-    if (stopped) return;
+  return pollHealth(new SidecarClient(address, {}, transport), settings, (answer) => {
     if (up) {
       misses = answer.error ? misses + 1 : 0;
       if (answer.error && misses >= settings.failures) {
@@ -52,17 +44,6 @@ export function watchRemoteSidecar(
       misses = 0;
       events.onServing();
     }
-    schedule();
-  };
-  const schedule = (): void => {
-    timer = setTimeout(() => void check(), settings.intervalMs);
-    // The checks alone must not keep a process alive that is otherwise done.
-    timer.unref();
-  };
-  schedule();
-  return () => {
-    stopped = true;
-    clearTimeout(timer);
-    client.close();
-  };
+    return true;
+  });
 }
