@@ -220,7 +220,9 @@ describeMesh(title, () => {
       `Envoy logging the failed call: ${envoy!.output()}`,
     );
     const line = envoyFailedCalls(envoy!).find((logged) => logged.includes(`adapter=${absent}`))!;
-    expect(line).toMatch(/failed call \/golem\.exam\.v1\.ExamService\/TakeExam grpc=NotFound .*replica=127\.0\.0\.1:\d+ tries=1 /);
+    expect(line).toMatch(
+      /failed call \/golem\.exam\.v1\.ExamService\/TakeExam grpc=NotFound .*replica=127\.0\.0\.1:\d+ tries=1 /,
+    );
     // A call that ends OK is not logged.
     expect(envoyFailedCalls(envoy!).every((logged) => !logged.includes('grpc=OK'))).toBe(true);
   });
@@ -242,108 +244,106 @@ describeMesh(title, () => {
     }
   });
 
-  it(
-    'Envoy: SIGKILL of a replica under load loses no call; its adapters move to the survivors, one each',
-    async () => {
-      const through = client(envoy!.address);
-      // Where each adapter lives now, from one call each.
-      const warm = await served();
-      expect((await Promise.all(adapters.map((adapter) => exam(through, adapter)))).filter(Boolean)).toEqual([]);
-      const owners = new Map(
-        [...landed(warm, await served())].map(([adapter, counts]) => [adapter, owner(counts).port]),
-      );
-      // The replica holding the most adapters dies.
-      const held = (port: number) => [...owners.values()].filter((p) => p === port).length;
-      const victim = [...replicas].sort((a, b) => held(b.port) - held(a.port))[0];
-      const moving = adapters.filter((adapter) => owners.get(adapter) === victim.port);
-      expect(moving.length).toBeGreaterThan(0);
+  it('Envoy: SIGKILL of a replica under load loses no call; its adapters move to the survivors, one each', async () => {
+    const through = client(envoy!.address);
+    // Where each adapter lives now, from one call each.
+    const warm = await served();
+    expect((await Promise.all(adapters.map((adapter) => exam(through, adapter)))).filter(Boolean)).toEqual([]);
+    const owners = new Map([...landed(warm, await served())].map(([adapter, counts]) => [adapter, owner(counts).port]));
+    // The replica holding the most adapters dies.
+    const held = (port: number) => [...owners.values()].filter((p) => p === port).length;
+    const victim = [...replicas].sort((a, b) => held(b.port) - held(a.port))[0];
+    const moving = adapters.filter((adapter) => owners.get(adapter) === victim.port);
+    expect(moving.length).toBeGreaterThan(0);
 
-      // Unary calls only: Envoy retries them whenever the replica dies before answering, since golem
-      // sends a unary call's headers with its answer. A StreamExam whose first chunk already reached
-      // the caller cannot be retried (docs/deploy.md), so streams are left out of this phase.
-      const counters = ['upstream_rq_retry', 'upstream_rq_retry_success', 'upstream_cx_destroy_remote_with_active_rq'];
-      const countersBefore = await Promise.all(counters.map((name) => envoyClusterCounter(envoy!, name)));
-      const inFlight = new Map<string, string>();
-      const failures: string[] = [];
-      let sent = 0;
-      let stop = false;
-      const worker = async (id: number): Promise<void> => {
-        for (let n = 0; !stop; n += 1) {
-          const adapter = adapters[(id + n) % adapters.length];
-          const kind = n % 10 === 3 ? 'ListAdapters' : n % 10 === 7 ? 'CompareAdapters' : 'TakeExam';
-          const key = `${id}:${n}`;
-          inFlight.set(key, adapter);
-          sent += 1;
-          const error =
-            kind === 'TakeExam'
-              ? await exam(through, adapter, 16)
-              : kind === 'ListAdapters'
-                ? await unary((cb) => through.listAdapters(ListAdaptersRequest.fromPartial({}), routed(adapter), cb))
-                : await unary((cb) =>
-                    through.compareAdapters(
-                      CompareAdaptersRequest.fromPartial({ prompts: [PROMPT], adapters: [adapter], maxNewTokens: 2 }),
-                      routed(adapter),
-                      cb,
-                    ),
-                  );
-          inFlight.delete(key);
-          if (error) failures.push(`${kind} ${path.basename(adapter)}: ${error.code} ${error.details}`);
-        }
-      };
-      const onVictim = () => [...inFlight.values()].filter((adapter) => moving.includes(adapter)).length;
-      const workers = Array.from({ length: 12 }, (_, id) => worker(id));
-      // Under load for a moment, then killed while some of its adapters' calls are in flight.
-      await sleep(1000);
-      await waitFor(() => onVictim() >= 3, 10000, 'calls in flight on the victim');
-      const killedAt = { total: inFlight.size, onVictim: onVictim() };
-      victim.daemon.child.kill('SIGKILL');
-      // The load goes on until Envoy's health checks have taken the dead replica out of the ring.
-      await waitFor(async () => (await envoyHealth(envoy!)).get(victim.port) !== 'healthy', 15000, 'victim unhealthy');
-      await sleep(500);
-      stop = true;
-      await Promise.all(workers);
-      const countersAfter = await Promise.all(counters.map((name) => envoyClusterCounter(envoy!, name)));
-      const envoyCounts = Object.fromEntries(counters.map((name, i) => [name, countersAfter[i] - countersBefore[i]]));
-      figures.kill = {
-        sent,
-        failed: failures.length,
-        inFlightAtKill: killedAt,
-        envoy: envoyCounts,
-        moving: moving.length,
-      };
-      // Envoy's access log says why a call failed (deploy/envoy/envoy.yaml): kept for the figures.
-      if (failures.length > 0) figures.envoyFailedCalls = envoyFailedCalls(envoy!);
-      expect(failures).toEqual([]);
-      // The calls in flight on it were cut off with it and retried, at least those.
-      expect(envoyCounts.upstream_rq_retry).toBeGreaterThanOrEqual(killedAt.onVictim);
-
-      // After the kill: every adapter's calls land on one survivor. Only the dead replica's adapters
-      // had to move, but Envoy rebuilds its ring with more points per survivor (minimum_ring_size is
-      // shared among the hosts), so some of the survivors' own adapters may move too: counted, not
-      // asserted.
-      const before = await served();
-      const results = await Promise.all(
-        adapters.flatMap((adapter) => Array.from({ length: 6 }, () => exam(through, adapter))),
-      );
-      expect(results.filter(Boolean)).toEqual([]);
-      const landing = landed(before, await served());
-      figures.afterKill = shown(landing);
-      for (const [adapter, counts] of landing) {
-        const now = owner(counts);
-        expect({ adapter, total: now.total }).toEqual({ adapter, total: 6 });
-        expect(now.share).toBe(1);
-        expect(now.port).not.toBe(victim.port);
+    // Unary calls only: Envoy retries them whenever the replica dies before answering, since golem
+    // sends a unary call's headers with its answer. A StreamExam whose first chunk already reached
+    // the caller cannot be retried (docs/deploy.md), so streams are left out of this phase.
+    const counters = ['upstream_rq_retry', 'upstream_rq_retry_success', 'upstream_cx_destroy_remote_with_active_rq'];
+    const countersBefore = await Promise.all(counters.map((name) => envoyClusterCounter(envoy!, name)));
+    const inFlight = new Map<string, string>();
+    const failures: string[] = [];
+    let sent = 0;
+    let stop = false;
+    const worker = async (id: number): Promise<void> => {
+      for (let n = 0; !stop; n += 1) {
+        const adapter = adapters[(id + n) % adapters.length];
+        const kind = n % 10 === 3 ? 'ListAdapters' : n % 10 === 7 ? 'CompareAdapters' : 'TakeExam';
+        const key = `${id}:${n}`;
+        inFlight.set(key, adapter);
+        sent += 1;
+        const error =
+          kind === 'TakeExam'
+            ? await exam(through, adapter, 16)
+            : kind === 'ListAdapters'
+              ? await unary((cb) => through.listAdapters(ListAdaptersRequest.fromPartial({}), routed(adapter), cb))
+              : await unary((cb) =>
+                  through.compareAdapters(
+                    CompareAdaptersRequest.fromPartial({ prompts: [PROMPT], adapters: [adapter], maxNewTokens: 2 }),
+                    routed(adapter),
+                    cb,
+                  ),
+                );
+        inFlight.delete(key);
+        if (error) failures.push(`${kind} ${path.basename(adapter)}: ${error.code} ${error.details}`);
       }
-      figures.survivorsAdaptersMoved = adapters.filter(
-        (adapter) => !moving.includes(adapter) && owner(landing.get(adapter)!).port !== owners.get(adapter),
-      ).length;
-    },
-  );
+    };
+    const onVictim = () => [...inFlight.values()].filter((adapter) => moving.includes(adapter)).length;
+    const workers = Array.from({ length: 12 }, (_, id) => worker(id));
+    // Under load for a moment, then killed while some of its adapters' calls are in flight.
+    await sleep(1000);
+    await waitFor(() => onVictim() >= 3, 10000, 'calls in flight on the victim');
+    const killedAt = { total: inFlight.size, onVictim: onVictim() };
+    victim.daemon.child.kill('SIGKILL');
+    // The load goes on until Envoy's health checks have taken the dead replica out of the ring.
+    await waitFor(async () => (await envoyHealth(envoy!)).get(victim.port) !== 'healthy', 15000, 'victim unhealthy');
+    await sleep(500);
+    stop = true;
+    await Promise.all(workers);
+    const countersAfter = await Promise.all(counters.map((name) => envoyClusterCounter(envoy!, name)));
+    const envoyCounts = Object.fromEntries(counters.map((name, i) => [name, countersAfter[i] - countersBefore[i]]));
+    figures.kill = {
+      sent,
+      failed: failures.length,
+      inFlightAtKill: killedAt,
+      envoy: envoyCounts,
+      moving: moving.length,
+    };
+    // Envoy's access log says why a call failed (deploy/envoy/envoy.yaml): kept for the figures.
+    if (failures.length > 0) figures.envoyFailedCalls = envoyFailedCalls(envoy!);
+    expect(failures).toEqual([]);
+    // The calls in flight on it were cut off with it and retried, at least those.
+    expect(envoyCounts.upstream_rq_retry).toBeGreaterThanOrEqual(killedAt.onVictim);
+
+    // After the kill: every adapter's calls land on one survivor. Only the dead replica's adapters
+    // had to move, but Envoy rebuilds its ring with more points per survivor (minimum_ring_size is
+    // shared among the hosts), so some of the survivors' own adapters may move too: counted, not
+    // asserted.
+    const before = await served();
+    const results = await Promise.all(
+      adapters.flatMap((adapter) => Array.from({ length: 6 }, () => exam(through, adapter))),
+    );
+    expect(results.filter(Boolean)).toEqual([]);
+    const landing = landed(before, await served());
+    figures.afterKill = shown(landing);
+    for (const [adapter, counts] of landing) {
+      const now = owner(counts);
+      expect({ adapter, total: now.total }).toEqual({ adapter, total: 6 });
+      expect(now.share).toBe(1);
+      expect(now.port).not.toBe(victim.port);
+    }
+    figures.survivorsAdaptersMoved = adapters.filter(
+      (adapter) => !moving.includes(adapter) && owner(landing.get(adapter)!).port !== owners.get(adapter),
+    ).length;
+  });
 });
 
 /** The lines of Envoy's access log so far: one per call that did not end OK. */
 function envoyFailedCalls(envoy: EnvoyProcess): string[] {
-  return envoy.output().split('\n').filter((line) => line.includes('failed call '));
+  return envoy
+    .output()
+    .split('\n')
+    .filter((line) => line.includes('failed call '));
 }
 
 /** A unary call's error, if any. */
