@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ SEED_PROMPT = "Instruction: Which genre is the hobbit?\nResponse:"
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
 # bitsandbytes' 4-bit data types; the first is BitsAndBytesConfig's default, so the seed's.
 QUANT_TYPES = ("fp4", "nf4")
+# The inference engines a base model can be served by; the first is the default.
+ENGINES = ("transformers", "vllm")
+# vLLM refuses any other --max-lora-rank.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# "": vLLM chooses (processes on one host); "ray" is the one that spans hosts.
+VLLM_EXECUTOR_BACKENDS = ("", "mp", "ray")
 
 
 class ConfigError(ValueError):
@@ -136,6 +143,60 @@ class Link:
 
 
 @dataclass(frozen=True)
+class EngineChoice:
+    """Which engine serves each base model (``engines.*`` keys)."""
+
+    # The engine of a base that ``models`` does not name.
+    default: str = "transformers"
+    # (model name as configured, engine), in the config's order.
+    models: tuple[tuple[str, str], ...] = ()
+
+    def engine_for(self, name: str, key: str) -> str:
+        """The engine of the base a request wrote as ``name`` and the gate resolved to ``key``
+        (a local path resolved, a hub id as written). A configured name matches by its text, or
+        by the path it resolves to, so ``./models/x.gguf`` and ``models/x.gguf`` are one model;
+        an exact text match wins over a path match."""
+        for configured, engine in self.models:
+            if configured in (name, key):
+                return engine
+        for configured, engine in self.models:
+            if _resolved_text(configured) == key:
+                return engine
+        return self.default
+
+    @property
+    def uses_vllm(self) -> bool:
+        """Whether any base may be served by vLLM, so whether it must be importable."""
+        return self.default == "vllm" or any(engine == "vllm" for _, engine in self.models)
+
+
+def _resolved_text(name: str) -> str | None:
+    # Resolved at each call, from the sidecar's working directory, as the gate resolves requests.
+    try:
+        return str(Path(name).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """How the vLLM engine is started (``vllm.*`` keys); unused while no base is served by it."""
+
+    # The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 1.0
+    # The share of each GPU's memory vLLM may take (CUDA only).
+    gpu_memory_utilization: float = 0.9
+    # The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it.
+    max_lora_rank: int = 64
+    # Context length; 0: the model's own.
+    max_model_len: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # "", "mp" or "ray" (see VLLM_EXECUTOR_BACKENDS).
+    distributed_executor_backend: str = ""
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """Everything the sidecar needs to serve."""
 
@@ -150,6 +211,8 @@ class SidecarConfig:
     # Load the default base (and its adapter) before reporting SERVING.
     preload: bool = True
     link: Link = field(default_factory=Link)
+    engines: EngineChoice = field(default_factory=EngineChoice)
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     def __post_init__(self) -> None:
         if self.defaults.max_new_tokens > self.limits.max_new_tokens_cap:
@@ -202,9 +265,7 @@ def _quantization(value: Any) -> QuantizationDefault:
             f"got {json.dumps(value)}"
         )
     where = "defaults.quantization"
-    unknown = sorted(set(value) - set(_QUANTIZATION_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key; use {', '.join(_QUANTIZATION_KEYS)}")
+    _refuse_unknown(value, where, _QUANTIZATION_KEYS)
     base = QuantizationDefault()
     load = _get(value, "loadIn4Bit", where, bool, False)
     dtype = normalize_compute_dtype(_get(value, "bnb4BitComputeDtype", where, str, "float16"))
@@ -233,6 +294,97 @@ _QUANTIZATION_KEYS = (
     "bnb4BitQuantType",
     "bnb4BitUseDoubleQuant",
 )
+
+
+def _refuse_unknown(section: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
+    # Only for sections the sidecar reads whole; shared ones hold the gateway's keys as well.
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; use {', '.join(known)}")
+
+
+def _engine(value: Any, where: str) -> str:
+    if value not in ENGINES:
+        raise ConfigError(f'{where}: must be "transformers" or "vllm", got {json.dumps(value)}')
+    return str(value)
+
+
+def _engines(raw: dict[str, Any]) -> EngineChoice:
+    section = _section(raw, "engines")
+    _refuse_unknown(section, "engines", ("default", "models"))
+    models = section.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(
+            f"engines.models: expected an object of model name to engine, got {json.dumps(models)}"
+        )
+    pairs = []
+    for name, engine in models.items():
+        where = f"engines.models[{json.dumps(name)}]"
+        if not name.strip():
+            raise ConfigError(f"{where}: model name must not be blank")
+        pairs.append((name, _engine(engine, where)))
+    default = _engine(section.get("default", EngineChoice.default), "engines.default")
+    return EngineChoice(default=default, models=tuple(pairs))
+
+
+_VLLM_KEYS = (
+    "kvCacheGiB",
+    "gpuMemoryUtilization",
+    "maxLoraRank",
+    "maxModelLen",
+    "tensorParallelSize",
+    "pipelineParallelSize",
+    "distributedExecutorBackend",
+)
+
+
+def _vllm(raw: dict[str, Any]) -> VllmSettings:
+    section = _section(raw, "vllm")
+    _refuse_unknown(section, "vllm", _VLLM_KEYS)
+    base = VllmSettings()
+    kv_cache = _number(section, "kvCacheGiB", base.kv_cache_gib)
+    if not kv_cache > 0:
+        raise ConfigError(f"vllm.kvCacheGiB: must be above 0, got {json.dumps(kv_cache)}")
+    share = _number(section, "gpuMemoryUtilization", base.gpu_memory_utilization)
+    if not 0 < share <= 1:
+        raise ConfigError(
+            f"vllm.gpuMemoryUtilization: must be above 0 and at most 1, got {json.dumps(share)}"
+        )
+    rank = _get(section, "maxLoraRank", "vllm", int, base.max_lora_rank)
+    if rank not in VLLM_LORA_RANKS:
+        raise ConfigError(
+            f"vllm.maxLoraRank: must be one of {', '.join(map(str, VLLM_LORA_RANKS))}, got {rank}"
+        )
+    backend = _get(section, "distributedExecutorBackend", "vllm", str, "")
+    if backend not in VLLM_EXECUTOR_BACKENDS:
+        raise ConfigError(
+            f'vllm.distributedExecutorBackend: must be "", "mp" or "ray", got {json.dumps(backend)}'
+        )
+    return VllmSettings(
+        kv_cache_gib=kv_cache,
+        gpu_memory_utilization=share,
+        max_lora_rank=rank,
+        max_model_len=_at_least(section, "maxModelLen", 0, base.max_model_len),
+        tensor_parallel_size=_at_least(section, "tensorParallelSize", 1, 1),
+        pipeline_parallel_size=_at_least(section, "pipelineParallelSize", 1, 1),
+        distributed_executor_backend=backend,
+    )
+
+
+def _number(section: dict[str, Any], key: str, default: float) -> float:
+    value = section.get(key, default)
+    # Python's json reads NaN and Infinity, which JSON.parse (the gateway) refuses.
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise ConfigError(f"vllm.{key}: expected a number, got {json.dumps(value)}")
+    return value
+
+
+def _at_least(section: dict[str, Any], key: str, minimum: int, default: int) -> int:
+    value: int = _get(section, key, "vllm", int, default)
+    if value < minimum:
+        raise ConfigError(f"vllm.{key}: must be at least {minimum}, got {value}")
+    return value
 
 
 def _tracing(raw: dict[str, Any]) -> Tracing:
@@ -317,6 +469,8 @@ def parse_config(raw: Any, listen: str | None = None) -> SidecarConfig:
         tracing=_tracing(raw),
         preload=_get(side, "preload", "sidecar", bool, True),
         link=_link(side, listen),
+        engines=_engines(raw),
+        vllm=_vllm(raw),
     )
 
 

@@ -1,9 +1,17 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from golem_sidecar.config import ConfigError, load_config, parse_config
+from golem_sidecar.config import (
+    ConfigError,
+    EngineChoice,
+    VllmSettings,
+    load_config,
+    parse_config,
+)
+from tests.engine_configs import FULL, GGUF, REFUSED
 
 REPO_CONFIGS = ["config/golem.json", "config/seed.json"]
 
@@ -158,3 +166,100 @@ def test_unreadable_tls_file_names_the_key(tmp_path: Path) -> None:
     side = {"tlsCertFile": str(tmp_path / "cert.pem"), "tlsKeyFile": str(tmp_path / "gone.pem")}
     with pytest.raises(ConfigError, match=r"sidecar\.tlsKeyFile: cannot read .*gone\.pem"):
         parse_config({"sidecar": side})
+
+
+def test_engines_and_vllm_default_to_transformers_and_vllms_own_settings() -> None:
+    config = parse_config({})
+    assert config.engines == EngineChoice(default="transformers", models=())
+    assert not config.engines.uses_vllm
+    assert config.vllm == VllmSettings(
+        kv_cache_gib=1.0,
+        gpu_memory_utilization=0.9,
+        max_lora_rank=64,
+        max_model_len=0,
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        distributed_executor_backend="",
+    )
+
+
+def test_engines_and_vllm_take_every_key() -> None:
+    config = parse_config(FULL)
+    assert config.engines == EngineChoice(
+        default="vllm",
+        models=((GGUF, "transformers"), ("HuggingFaceTB/SmolLM2-135M", "vllm")),
+    )
+    assert config.engines.uses_vllm
+    assert config.vllm == VllmSettings(
+        kv_cache_gib=2.5,
+        gpu_memory_utilization=0.5,
+        max_lora_rank=320,
+        max_model_len=2048,
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        distributed_executor_backend="ray",
+    )
+
+
+def test_one_model_on_vllm_is_enough_to_need_it() -> None:
+    assert parse_config({"engines": {"models": {GGUF: "vllm"}}}).engines.uses_vllm
+
+
+@pytest.mark.parametrize(("raw", "message"), REFUSED)
+def test_bad_engine_and_vllm_values_name_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(raw)
+
+
+def test_vllm_numbers_refuse_what_json_parse_would(tmp_path: Path) -> None:
+    # Python's json reads Infinity; the gateway's JSON.parse refuses it, so the sidecar must too.
+    with pytest.raises(ConfigError, match=r"vllm\.kvCacheGiB: "):
+        load_config(None, '{"vllm": {"kvCacheGiB": Infinity}}', None)
+
+
+def test_engine_for_matches_the_name_as_written(tmp_path: Path) -> None:
+    engines = EngineChoice(models=(("gguf/x.gguf", "vllm"),))
+    assert engines.engine_for("gguf/x.gguf", str(tmp_path / "elsewhere.gguf")) == "vllm"
+
+
+def test_engine_for_matches_a_local_path_however_it_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "x.gguf").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    key = str((tmp_path / "models" / "x.gguf").resolve())
+    engines = parse_config({"engines": {"models": {"./models/x.gguf": "vllm"}}}).engines
+    assert engines.engine_for("models/x.gguf", key) == "vllm"
+    assert engines.engine_for(key, key) == "vllm"
+    assert (
+        engines.engine_for("models/y.gguf", str(tmp_path / "models" / "y.gguf")) == "transformers"
+    )
+
+
+def test_engine_for_matches_a_hub_id_by_its_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    hub = "HuggingFaceTB/SmolLM2-135M"
+    engines = EngineChoice(models=((hub, "vllm"),))
+    assert engines.engine_for(hub, hub) == "vllm"
+    assert engines.engine_for("HuggingFaceTB/SmolLM2-360M", "HuggingFaceTB/SmolLM2-360M") == (
+        "transformers"
+    )
+
+
+def test_engine_for_falls_back_to_the_default() -> None:
+    engines = EngineChoice(default="vllm", models=(("a.gguf", "transformers"),))
+    assert engines.engine_for("b.gguf", "/srv/b.gguf") == "vllm"
+    assert engines.engine_for("a.gguf", "/srv/a.gguf") == "transformers"
+
+
+def test_engine_for_prefers_the_exact_name_to_a_path_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    key = str(tmp_path / "x.gguf")
+    engines = EngineChoice(models=(("./x.gguf", "transformers"), ("x.gguf", "vllm")))
+    assert engines.engine_for("x.gguf", key) == "vllm"
+    assert engines.engine_for("./x.gguf", key) == "transformers"
