@@ -183,7 +183,7 @@ class VllmSettings:
     """How the vLLM engine is started (``vllm.*`` keys); unused while no base is served by it."""
 
     # The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = 1
     # The share of each GPU's memory vLLM may take (CUDA only).
     gpu_memory_utilization: float = 0.9
     # The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it.
