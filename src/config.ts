@@ -40,6 +40,53 @@ const otlpEndpoint = z
 
 const TRACING_OFF = { otlpEndpoint: '', sidecarSpansFile: '' };
 
+/** The value a refused key held, for messages that say what was given. */
+const got = (issue: { input?: unknown }): string => JSON.stringify(issue.input);
+
+// The inference engines a base model can be served by (the sidecar's ENGINES).
+const engine = z.enum(['transformers', 'vllm'], {
+  error: (issue) => `must be "transformers" or "vllm", got ${got(issue)}`,
+});
+// A model name as requests write it: a local folder, a .gguf file or a hub id. Checked without
+// trim, which would change the key the sidecar matches against.
+const modelName = z.string().refine((name) => name.trim() !== '', { error: 'model name must not be blank' });
+const engineByModel = z.record(modelName, engine, {
+  // zod's own "Invalid key in record" would hide which rule the key broke.
+  error: (issue) => (issue.code === 'invalid_key' ? 'model name must not be blank' : undefined),
+});
+
+// vLLM refuses any other --max-lora-rank.
+const VLLM_LORA_RANKS = [8, 16, 32, 64, 128, 256, 320, 512] as const;
+const atLeast = (minimum: number): z.ZodNumber =>
+  z
+    .number()
+    .int()
+    .gte(minimum, { error: (issue) => `must be at least ${minimum}, got ${got(issue)}` });
+
+const aShare = (issue: { input?: unknown }): string => `must be above 0 and at most 1, got ${got(issue)}`;
+
+const vllmSchema = z.strictObject({
+  // The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
+  kvCacheGiB: z
+    .number()
+    .positive({ error: (issue) => `must be above 0, got ${got(issue)}` })
+    .default(1),
+  // The share of each GPU's memory vLLM may take (CUDA only).
+  gpuMemoryUtilization: z.number().positive({ error: aShare }).max(1, { error: aShare }).default(0.9),
+  // The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it.
+  maxLoraRank: z
+    .literal(VLLM_LORA_RANKS, { error: (issue) => `must be one of ${VLLM_LORA_RANKS.join(', ')}, got ${got(issue)}` })
+    .default(64),
+  // Context length; 0: the model's own.
+  maxModelLen: atLeast(0).default(0),
+  tensorParallelSize: atLeast(1).default(1),
+  pipelineParallelSize: atLeast(1).default(1),
+  // "": vLLM chooses (processes on one host); "ray" is the one that spans hosts.
+  distributedExecutorBackend: z
+    .enum(['', 'mp', 'ray'], { error: (issue) => `must be "", "mp" or "ray", got ${got(issue)}` })
+    .default(''),
+});
+
 export const configSchema = z.strictObject({
   listen: nonBlank,
   logLevel: z.enum(['error', 'warn', 'info', 'debug']),
@@ -155,6 +202,15 @@ export const configSchema = z.strictObject({
       sidecarSpansFile: z.string().default(''),
     })
     .default(TRACING_OFF),
+  // Which engine serves each base model; the sidecar reads these (and vllm) whole.
+  engines: z
+    .strictObject({
+      // The engine of a base that `models` does not name.
+      default: engine.default('transformers'),
+      models: engineByModel.default(() => ({})),
+    })
+    .default(() => ({ default: 'transformers' as const, models: {} })),
+  vllm: vllmSchema.default(() => vllmSchema.parse({})),
 });
 
 export type GolemConfig = z.infer<typeof configSchema>;
@@ -298,15 +354,29 @@ function setPath(raw: Record<string, unknown>, keyPath: readonly string[], value
 }
 
 function describeIssue(issue: z.core.$ZodIssue, env: NodeJS.ProcessEnv): string {
-  const key = issue.path.join('.') || '(root)';
   if (issue.code === 'unrecognized_keys') {
-    const prefix = issue.path.length ? `${key}.` : '';
-    return `unknown key ${issue.keys.map((k) => prefix + k).join(', ')}`;
+    return `unknown key ${issue.keys.map((k) => formatKey([...issue.path, k])).join(', ')}`;
   }
-  const envName = ENV_OVERRIDES.find(([, keyPath]) => keyPath.join('.') === key)?.[0];
+  const dotted = issue.path.join('.');
+  const envName = ENV_OVERRIDES.find(([, keyPath]) => keyPath.join('.') === dotted)?.[0];
   // Say where a bad value came from when an environment variable put it there.
   const hint = envName && env[envName] ? ` (from ${envName})` : '';
-  return `${key}: ${issue.message}${hint}`;
+  return `${formatKey(issue.path) || '(root)'}: ${issue.message}${hint}`;
+}
+
+// Objects keyed by the user's data: their keys (model names, full of dots and slashes) are quoted.
+const KEYED_BY_DATA = new Set(['engines.models']);
+
+/** `limits.maxQueue`, `security.adapterRoots.1`, `engines.models["models/x.gguf"]`. */
+function formatKey(keyPath: readonly PropertyKey[]): string {
+  return keyPath
+    .map((part, i) => {
+      const parent = keyPath.slice(0, i).join('.');
+      const plain = typeof part === 'number' || /^[A-Za-z_$][\w$]*$/.test(String(part));
+      if (plain && !KEYED_BY_DATA.has(parent)) return i ? `.${String(part)}` : String(part);
+      return `[${JSON.stringify(String(part))}]`;
+    })
+    .join('');
 }
 
 function isRecord(value: unknown): value is Record<string, unknown> {

@@ -1,7 +1,20 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ConfigError, DEFAULT_CONFIG_PATH, configPath, loadConfig, PACKAGE_ROOT } from '../../src/config';
+import { PYTHON } from '../support/tiny-models';
+
+type Sections = Record<string, unknown>;
+
+/** The sidecar suite's engines/vllm cases (inference_py/tests/engine_configs.py), so both readers
+ * are held to the same table. */
+function engineConfigs(): { full: Sections; refused: Array<[Sections, string]> } {
+  const printed = execFileSync(PYTHON, ['-m', 'tests.engine_configs'], {
+    cwd: path.join(PACKAGE_ROOT, 'inference_py'),
+  }).toString();
+  return JSON.parse(printed) as { full: Sections; refused: Array<[Sections, string]> };
+}
 
 describe('loadConfig', () => {
   let dir: string;
@@ -61,6 +74,32 @@ describe('loadConfig', () => {
     });
     expect(config.defaults.quantization).toBe('auto');
     expect(config.tracing).toEqual({ otlpEndpoint: '', sidecarSpansFile: '' });
+    expect(config.engines).toEqual({ default: 'transformers', models: {} });
+    expect(config.vllm).toEqual({
+      kvCacheGiB: 1,
+      gpuMemoryUtilization: 0.9,
+      maxLoraRank: 64,
+      maxModelLen: 0,
+      tensorParallelSize: 1,
+      pipelineParallelSize: 1,
+      distributedExecutorBackend: '',
+    });
+  });
+
+  describe('engines and vllm, by the same table as the sidecar', () => {
+    const { full, refused } = engineConfigs();
+
+    it('takes every key', () => {
+      const file = writeConfig('engines-full.json', (raw) => Object.assign(raw, full));
+      const config = loadConfig({ file, env: {} });
+      expect(config.engines).toEqual(full.engines);
+      expect(config.vllm).toEqual(full.vllm);
+    });
+
+    it.each(refused)('refuses %j, naming the key', (sections, message) => {
+      const file = writeConfig('engines-bad.json', (raw) => Object.assign(raw, sections));
+      expect(() => loadConfig({ file, env: {} })).toThrow(message);
+    });
   });
 
   it('fills keys added later with their defaults, so older config files still load', () => {
