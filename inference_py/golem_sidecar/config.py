@@ -171,9 +171,10 @@ class EngineChoice:
 
 
 def _resolved_text(name: str) -> str | None:
-    # Resolved at each call, from the sidecar's working directory, as the gate resolves requests.
+    # Resolved at each call, from the sidecar's working directory and ~ expanded, as the gate
+    # resolves a request's model_name.
     try:
-        return str(Path(name).resolve())
+        return str(Path(name).expanduser().resolve())
     except (OSError, RuntimeError, ValueError):
         return None
 
@@ -182,7 +183,8 @@ def _resolved_text(name: str) -> str | None:
 class VllmSettings:
     """How the vLLM engine is started (``vllm.*`` keys); unused while no base is served by it."""
 
-    # The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
+    # The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE). vLLM reads that variable with int(),
+    # so a fraction (or "1.0") must not reach it as text.
     kv_cache_gib: float = 1
     # The share of each GPU's memory vLLM may take (CUDA only).
     gpu_memory_utilization: float = 0.9

@@ -237,6 +237,16 @@ def test_engine_for_matches_a_local_path_however_it_is_spelled(
     )
 
 
+def test_engine_for_expands_home_as_the_gate_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    engines = EngineChoice(models=(("~/x.gguf", "vllm"),))
+    assert engines.engine_for(str(tmp_path / "x.gguf"), str((tmp_path / "x.gguf").resolve())) == (
+        "vllm"
+    )
+
+
 def test_engine_for_matches_a_hub_id_by_its_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
