@@ -167,7 +167,27 @@ def _score(
     cancelled: threading.Event,
 ) -> None:
     # The same ids that ended the answers while decoding.
-    eos = eos_ids(base.model, base.tokenizer)
+    items, owners = score_plan(table, labels, names, eos_ids(base.model, base.tokenizer))
+    scores = mean_logprobs(
+        base.lane,
+        items,
+        pad_id(base.tokenizer),
+        base.input_device,
+        (max_batch, max_tokens),
+        cancelled,
+    )
+    for (answer, label), score in zip(owners, scores, strict=True):
+        answer.mean_logprob[label] = score
+
+
+def score_plan(
+    table: list[list[ComparedAnswer]],
+    labels: list[str],
+    names: list[str | None],
+    eos: set[int],
+) -> tuple[list[ScoreItem], list[tuple[ComparedAnswer, str]]]:
+    """What CompareAdapters scores, in either engine: every non-empty answer (its end-of-text
+    tokens left out) under every model, with the answer and model label each score belongs to."""
     items, owners = [], []
     for answers in table:
         for answer in answers:
@@ -179,13 +199,4 @@ def _score(
             for label, name in zip(labels, names, strict=True):
                 items.append(ScoreItem(answer.row.prompt_ids, tokens, name))
                 owners.append((answer, label))
-    scores = mean_logprobs(
-        base.lane,
-        items,
-        pad_id(base.tokenizer),
-        base.input_device,
-        (max_batch, max_tokens),
-        cancelled,
-    )
-    for (answer, label), score in zip(owners, scores, strict=True):
-        answer.mean_logprob[label] = score
+    return items, owners

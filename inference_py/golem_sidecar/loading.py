@@ -147,6 +147,19 @@ def _dequantized_gguf(source: str, extra: dict[str, Any], security: Security) ->
     (the save and the quantizing load: about 1.5 s for SmolLM2-135M on 2 cores) and float32's
     memory while it runs; answers are those of the same weights saved as safetensors and loaded
     with plain transformers."""
+    folder = tempfile.mkdtemp(prefix="golem-gguf-")
+    try:
+        save_dequantized_gguf(source, extra, security, Path(folder))
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def save_dequantized_gguf(
+    source: str, extra: dict[str, Any], security: Security, folder: Path
+) -> None:
+    """Saves a .gguf base's weights, dequantized to float32, as safetensors in ``folder``: for
+    4-bit loading here, and for the vLLM engine, whose GGUF loader takes no LoRA."""
     full: Any = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch.float32, trust_remote_code=security.trust_remote_code, **extra
     )
@@ -155,13 +168,7 @@ def _dequantized_gguf(source: str, extra: dict[str, Any], security: Security) ->
     full.hf_quantizer = None
     if hasattr(full.config, "quantization_config"):
         del full.config.quantization_config
-    folder = tempfile.mkdtemp(prefix="golem-gguf-")
-    try:
-        full.save_pretrained(folder, safe_serialization=True)
-        del full
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    full.save_pretrained(str(folder), safe_serialization=True)
 
 
 def _check_fused_kernel_shapes(model: PreTrainedModel, placement: Placement) -> None:

@@ -103,6 +103,12 @@ class ResidentBase:
         """Bytes its tensors hold now: the base's and its adapters' (loading.py)."""
         return memory_footprint_bytes(self.model, *self.wrappers.values())
 
+    @property
+    def context_limit(self) -> int | None:
+        """The most tokens a prompt and its answer may hold together, when the model says."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) else None
+
 
 def routable(config: Any) -> bool:
     """Whether peft can route single rows of a batch to this adapter (``adapter_names``): plain
@@ -164,12 +170,9 @@ class ResidentModels:
         while len(self._bases) >= self._max_models:
             _, old = self._bases.popitem(last=False)
             log.info("base evicted (least recently used)", extra={"model": old.model_name})
+            self._release(old)
         started = time.perf_counter_ns()
-        tokenizer = load_tokenizer(model, self._security)
-        loaded = load_model(model, placement, self._security)
-        if loaded.generation_config.eos_token_id is None:
-            loaded.generation_config.eos_token_id = tokenizer.eos_token_id
-        resident = ResidentBase(model, placement, tokenizer, loaded)
+        resident = self._load(model, placement)
         resident.memory_bytes = resident.footprint_bytes()
         self._bases[key] = resident
         elapsed = time.perf_counter_ns() - started
@@ -178,6 +181,18 @@ class ResidentModels:
             extra={"model": model.name, "device": placement.device, "load_ms": elapsed // 10**6},
         )
         return resident, elapsed
+
+    def _load(self, model: ModelRef, placement: Placement) -> ResidentBase:
+        """Loads a base: the engine's own part of ``base`` (vllm_engine.py has another)."""
+        tokenizer = load_tokenizer(model, self._security)
+        loaded = load_model(model, placement, self._security)
+        if loaded.generation_config.eos_token_id is None:
+            loaded.generation_config.eos_token_id = tokenizer.eos_token_id
+        return ResidentBase(model, placement, tokenizer, loaded)
+
+    def _release(self, base: ResidentBase) -> None:
+        """Frees an evicted base beyond dropping it: nothing to do here, the garbage collector
+        frees its tensors."""
 
     def adapter(
         self,
@@ -258,8 +273,7 @@ class ResidentModels:
         if base.by_identity.get(folder.identity) == name:
             del base.by_identity[folder.identity]
         base.uses.pop(name, None)
-        with as_loaded(base.model):
-            _detach(base, peft_name(name))
+        self._detach(base, name)
         base.memory_bytes = base.footprint_bytes()
         log.info("adapter unloaded", extra={"adapter": name, "path": folder.path})
 
@@ -296,6 +310,10 @@ class ResidentModels:
         adapter = peft_name(name)
         with as_loaded(base.model):
             self._attach_checked(base, folder, adapter)
+
+    def _detach(self, base: ResidentBase, name: str) -> None:
+        with as_loaded(base.model):
+            _detach(base, peft_name(name))
 
     def _attach_checked(self, base: ResidentBase, folder: AdapterFolder, adapter: str) -> None:
         wrapper = base.wrappers.get(folder.peft_type)

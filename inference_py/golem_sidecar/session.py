@@ -223,6 +223,19 @@ def _result(base: ResidentBase, item: _Prepared, decode_ns: int) -> ExamResult |
         return caller_gone()
     if row.finish_reason == FINISH_ERROR and row.error is not None:
         return row.error
+    return exam_result(base, spec, row, decode_ns, (item.load_ns, item.queue_ns), item.adapter)
+
+
+def exam_result(
+    base: ResidentBase,
+    spec: ExamSpec,
+    row: Row,
+    decode_ns: int,
+    waits: tuple[int, int],
+    adapter: AdapterFolder | None,
+) -> ExamResult:
+    """A finished row as TakeExam's result, graded when the exam gives an expected answer; both
+    engines answer through it. ``waits`` is (load_ns, queue_ns)."""
     decode = base.tokenizer.decode
     if row.finish_reason == FINISH_STOP:
         full_text = str(decode(row.prompt_ids, skip_special_tokens=True)) + row.answer
@@ -243,10 +256,10 @@ def _result(base: ResidentBase, item: _Prepared, decode_ns: int) -> ExamResult |
         dtype=base.weight_dtype,
         generation=generation,
         grade=graded,
-        load_ns=item.load_ns,
-        queue_ns=item.queue_ns,
+        load_ns=waits[0],
+        queue_ns=waits[1],
         batch_size=row.peak,
-        adapter=item.adapter,
+        adapter=adapter,
     )
 
 
@@ -256,8 +269,8 @@ def _adapter(item: _Prepared) -> str | None:
 
 def check_context(base: ResidentBase, prompt_tokens: int, max_new_tokens: int) -> None:
     """A prompt that cannot fit the model's context is refused before generating."""
-    limit = getattr(base.model.config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
+    limit = base.context_limit
+    if limit is None:
         return
     if prompt_tokens >= limit:
         raise invalid_argument(
