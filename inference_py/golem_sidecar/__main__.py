@@ -23,6 +23,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from golem_sidecar.config import ConfigError, SidecarConfig, load_config
+from golem_sidecar.engines import check_environment
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import configure_logging, keep_stderr_from_failing
 
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.config_json, args.listen)
+        check_environment(config.engines)
     except (ConfigError, OSError) as exc:
         print(f"golem-sidecar: bad config: {exc}", file=sys.stderr)
         return 2

@@ -183,9 +183,8 @@ def _resolved_text(name: str) -> str | None:
 class VllmSettings:
     """How the vLLM engine is started (``vllm.*`` keys); unused while no base is served by it."""
 
-    # The KV cache on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE). vLLM reads that variable with int(),
-    # so a fraction (or "1.0") must not reach it as text.
-    kv_cache_gib: float = 1
+    # The KV cache on CPU, in whole GiB (VLLM_CPU_KVCACHE_SPACE, which vLLM reads with int()).
+    kv_cache_gib: int = 1
     # The share of each GPU's memory vLLM may take (CUDA only).
     gpu_memory_utilization: float = 0.9
     # The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it.
@@ -344,9 +343,7 @@ def _vllm(raw: dict[str, Any]) -> VllmSettings:
     section = _section(raw, "vllm")
     _refuse_unknown(section, "vllm", _VLLM_KEYS)
     base = VllmSettings()
-    kv_cache = _number(section, "kvCacheGiB", base.kv_cache_gib)
-    if not kv_cache > 0:
-        raise ConfigError(f"vllm.kvCacheGiB: must be above 0, got {json.dumps(kv_cache)}")
+    kv_cache = _at_least(section, "kvCacheGiB", 1, base.kv_cache_gib)
     share = _number(section, "gpuMemoryUtilization", base.gpu_memory_utilization)
     if not 0 < share <= 1:
         raise ConfigError(

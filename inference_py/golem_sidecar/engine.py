@@ -196,7 +196,7 @@ class ExamEngine:
                 ResidentModel(b.model_name, placement_label(b.placement), b.memory_bytes)
                 for b in bases
             ),
-            adapters=tuple(_resident_adapters(bases)),
+            adapters=tuple(resident_adapters(bases)),
             waiting_adapters=tuple(self._awaited_adapters(queues)),
         )
 
@@ -367,7 +367,7 @@ class ExamEngine:
         # Requests that leave model_name out go through the gate; so does the model they get.
         model = resolve_model("model_name", defaults.model_name, security, self.is_resident)
         base, _ = self._models.base(model, default_placement(defaults))
-        adapter = _default_adapter(defaults.adapter_path, security)
+        adapter = default_adapter(defaults.adapter_path, security)
         if adapter is not None:
             self._models.adapter(base, adapter)
 
@@ -388,7 +388,7 @@ class ExamEngine:
         return bool(acquired)
 
 
-def _resident_adapters(bases: list[ResidentBase]) -> list[ResidentAdapter]:
+def resident_adapters(bases: list[ResidentBase]) -> list[ResidentAdapter]:
     """Each base's adapters by the name callers use: LoadAdapter's name, else the path."""
     return [
         ResidentAdapter(
@@ -423,7 +423,7 @@ def _threadsafe(
     return on_model_thread
 
 
-def _default_adapter(path: str, security: Security) -> AdapterFolder | None:
+def default_adapter(path: str, security: Security) -> AdapterFolder | None:
     try:
         return resolve_adapter("adapter_path", path, security)
     except GolemError as err:

@@ -22,7 +22,8 @@ import grpc
 
 from golem_sidecar.adapters import content_hash
 from golem_sidecar.config import SidecarConfig
-from golem_sidecar.engine import ExamEngine, Pair
+from golem_sidecar.engine import Pair
+from golem_sidecar.engines import Engines
 from golem_sidecar.errors import GolemError
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.exams import ExamDigest, ExamError, ExamItem, iter_items
@@ -59,7 +60,7 @@ class _Job:
 
 
 async def grade_exam(
-    engine: ExamEngine,
+    engine: Engines,
     files: FileChecks,
     config: SidecarConfig,
     spec: GradeSpec,
@@ -123,7 +124,7 @@ async def grade_exam(
     )
 
 
-async def _hash_registered(engine: ExamEngine, files: FileChecks, spec: GradeSpec) -> GradeSpec:
+async def _hash_registered(engine: Engines, files: FileChecks, spec: GradeSpec) -> GradeSpec:
     """Registered adapters keyed by their weights' content too, as folders are (grade_spec.py)."""
     models = []
     for model in spec.models:
@@ -199,7 +200,7 @@ async def _windows(
 
 
 async def _graded(
-    engine: ExamEngine,
+    engine: Engines,
     spec: GradeSpec,
     windows: AsyncIterator[list[list[_Job]]],
     index: ResumeIndex,
@@ -226,7 +227,7 @@ async def _graded(
 
 
 async def _grade_window(
-    engine: ExamEngine,
+    engine: Engines,
     spec: GradeSpec,
     jobs: list[list[_Job]],
     index: ResumeIndex,
@@ -246,7 +247,7 @@ async def _grade_window(
 
 
 async def _answers(
-    engine: ExamEngine, spec: GradeSpec, jobs: list[_Job], cancelled: threading.Event
+    engine: Engines, spec: GradeSpec, jobs: list[_Job], cancelled: threading.Event
 ) -> dict[str, ExamResult]:
     """Every job's answer, all submitted at once so that they share the base's batches."""
     tasks = [asyncio.ensure_future(_answer(engine, spec, job, cancelled)) for job in jobs]
@@ -263,7 +264,7 @@ async def _answers(
 
 
 async def _answer(
-    engine: ExamEngine, spec: GradeSpec, job: _Job, cancelled: threading.Event
+    engine: Engines, spec: GradeSpec, job: _Job, cancelled: threading.Event
 ) -> ExamResult:
     model, generation = job.model, spec.header.generation
     exam_spec = ExamSpec(
@@ -293,7 +294,7 @@ def _item_error(spec: GradeSpec, item: ExamItem, error: GolemError) -> GolemErro
 
 
 async def _likelihoods(
-    engine: ExamEngine,
+    engine: Engines,
     spec: GradeSpec,
     jobs: list[_Job],
     answers: dict[str, ExamResult],

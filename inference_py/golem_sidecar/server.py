@@ -18,7 +18,7 @@ from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.auth import BearerCheck
 from golem_sidecar.comparison import ComparedAnswer, resolve_compare
 from golem_sidecar.config import SidecarConfig, confined_beyond_loopback, is_loopback
-from golem_sidecar.engine import ExamEngine
+from golem_sidecar.engines import Engines
 from golem_sidecar.exam import resolve_exam
 from golem_sidecar.gate import FileChecks
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc, metrics_pb2_grpc
@@ -57,7 +57,7 @@ class ExamServicer(exam_pb2_grpc.ExamServiceServicer):
     threads), then asks the engine. Request ids, the shutdown gate and error mapping are the
     interceptor's (interceptors.py); a handler refuses by raising GolemError."""
 
-    def __init__(self, config: SidecarConfig, engine: ExamEngine, files: FileChecks) -> None:
+    def __init__(self, config: SidecarConfig, engine: Engines, files: FileChecks) -> None:
         self._config = config
         self._engine = engine
         self._files = files
@@ -267,7 +267,7 @@ class Sidecar:
         config = confined_beyond_loopback(config)
         self.config = config
         self.metrics = SidecarMetrics(config.limits)
-        self.engine = ExamEngine(config, self.metrics)
+        self.engine = Engines(config, self.metrics)
         self.metrics.watch(self.engine.load)
         self.gate = CallGate()
         self.files = FileChecks()

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from golem_sidecar.config import Defaults, Limits, QuantizationDefault, SidecarConfig
+from golem_sidecar.config import Defaults, EngineChoice, Limits, QuantizationDefault, SidecarConfig
 from golem_sidecar.gen import exam_pb2_grpc
 from golem_sidecar.server import Sidecar
 from tests.bad_inputs import build_bad_inputs
@@ -21,6 +21,10 @@ from tests.peft_kinds import build_kinds
 from tests.tiny_models import build_all
 
 CAP = 64
+# The engine the shared sidecars serve with: "vllm" runs suites written for the transformers
+# engine (the bad-input matrix) on the vLLM engine, in its environment (make test-vllm).
+ENGINE = os.environ.get("GOLEM_TEST_ENGINE", "transformers")
+ENGINES = EngineChoice(default=ENGINE)
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +55,12 @@ def tiny_config(
         device="cpu",
         quantization=QuantizationDefault(mode="auto"),
     )
+    overrides.setdefault("engines", ENGINES)
     return SidecarConfig(
-        listen=listen, defaults=defaults, limits=Limits(max_new_tokens_cap=CAP), **overrides
+        listen=listen,
+        defaults=defaults,
+        limits=Limits(max_new_tokens_cap=CAP),
+        **overrides,  # type: ignore[arg-type]
     )
 
 

@@ -19,7 +19,7 @@ FULL = {
         "models": {GGUF: "transformers", "HuggingFaceTB/SmolLM2-135M": "vllm"},
     },
     "vllm": {
-        "kvCacheGiB": 2.5,
+        "kvCacheGiB": 2,
         "gpuMemoryUtilization": 0.5,
         "maxLoraRank": 320,
         "maxModelLen": 2048,
@@ -43,7 +43,8 @@ REFUSED: list[tuple[dict[str, object], str]] = [
     ({"engines": {"models": {" ": "vllm"}}}, 'engines.models[" "]: model name must not be blank'),
     ({"engines": {"model": {}}}, "engines.model"),
     ({"vllm": []}, "vllm"),
-    ({"vllm": {"kvCacheGiB": 0}}, "vllm.kvCacheGiB: must be above 0, got 0"),
+    ({"vllm": {"kvCacheGiB": 0}}, "vllm.kvCacheGiB: must be at least 1, got 0"),
+    ({"vllm": {"kvCacheGiB": 1.5}}, "vllm.kvCacheGiB: "),
     ({"vllm": {"kvCacheGiB": "1"}}, "vllm.kvCacheGiB: "),
     ({"vllm": {"kvCacheGiB": True}}, "vllm.kvCacheGiB: "),
     (

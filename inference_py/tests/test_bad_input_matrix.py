@@ -19,7 +19,7 @@ from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 from golem_sidecar.placement import bitsandbytes_installed, fused_cpu_kernel
 from golem_sidecar.server import Sidecar
 from golem_sidecar.wire import EXAM_SERVICE
-from tests.conftest import CAP
+from tests.conftest import CAP, ENGINES
 from tests.hostile_paths import build_hostile_paths
 from tests.rpc import failure
 
@@ -426,6 +426,7 @@ async def confined(bad: Paths) -> AsyncIterator[grpc.aio.Channel]:
             model_roots=(Path(bad["model_root"]).resolve(),),
             exam_roots=(Path(bad["exam_root"]).resolve(),),
         ),
+        engines=ENGINES,
     )
     server = Sidecar(config)
     await server.start()

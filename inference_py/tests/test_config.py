@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -173,7 +174,7 @@ def test_engines_and_vllm_default_to_transformers_and_vllms_own_settings() -> No
     assert config.engines == EngineChoice(default="transformers", models=())
     assert not config.engines.uses_vllm
     assert config.vllm == VllmSettings(
-        kv_cache_gib=1.0,
+        kv_cache_gib=1,
         gpu_memory_utilization=0.9,
         max_lora_rank=64,
         max_model_len=0,
@@ -191,7 +192,7 @@ def test_engines_and_vllm_take_every_key() -> None:
     )
     assert config.engines.uses_vllm
     assert config.vllm == VllmSettings(
-        kv_cache_gib=2.5,
+        kv_cache_gib=2,
         gpu_memory_utilization=0.5,
         max_lora_rank=320,
         max_model_len=2048,
@@ -273,3 +274,18 @@ def test_engine_for_prefers_the_exact_name_to_a_path_match(
     engines = EngineChoice(models=(("./x.gguf", "transformers"), ("x.gguf", "vllm")))
     assert engines.engine_for("x.gguf", key) == "vllm"
     assert engines.engine_for("./x.gguf", key) == "transformers"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_an_engine_this_python_cannot_run_is_refused_at_start_naming_the_key() -> None:
+    from golem_sidecar.engines import check_environment
+
+    check_environment(EngineChoice())
+    with pytest.raises(
+        ConfigError, match=r"^engines\.default: \"vllm\" is not installed .*make vllm-env"
+    ):
+        check_environment(EngineChoice(default="vllm"))
+    with pytest.raises(
+        ConfigError, match=r'^engines\.models\["m\.gguf"\]: "vllm" is not installed'
+    ):
+        check_environment(EngineChoice(models=(("m.gguf", "vllm"),)))

@@ -242,7 +242,7 @@ async def test_a_callers_adapter_name_keeps_its_weights(
 
 
 async def test_unloadable_model_names_leave_no_state(sidecar: Sidecar, stub: Stub) -> None:
-    engine = sidecar.engine
+    engine = sidecar.engine.by_kind("transformers")
     queues = dict(engine._queues)
     for i in range(20):
         for name in (f"./missing/model-{i}", f"golem-test/missing-{i}"):
@@ -267,11 +267,15 @@ async def test_resident_bases_are_capped(tiny: dict[str, str], tmp_path: Path) -
                 exam_pb2.TakeExamRequest(model_name=second, disable_adapter=True)
             )
             assert other.answer == first.answer and other.timings.load_ns > 0
-            assert [b.model_name for b in sidecar.engine._models.resident()] == [second]
+            assert [
+                b.model_name for b in sidecar.engine.by_kind("transformers")._models.resident()
+            ] == [second]
             again = await stub.TakeExam(exam_pb2.TakeExamRequest(disable_adapter=True))
             assert again.answer == first.answer and again.timings.load_ns > 0
-            assert len(sidecar.engine._models.resident()) == 1
-            assert len(sidecar.engine._queues) == 1, "the evicted base's idle queue is gone"
+            assert len(sidecar.engine.by_kind("transformers")._models.resident()) == 1
+            assert len(sidecar.engine.by_kind("transformers")._queues) == 1, (
+                "the evicted base's idle queue is gone"
+            )
     finally:
         await sidecar.stop(0)
 
