@@ -41,14 +41,22 @@ def free_port() -> int:
 
 
 def _config(
-    model: str, adapter: str, listen: str, sidecar: str, quantization: Any = "auto"
+    model: str,
+    adapter: str,
+    listen: str,
+    sidecar: str,
+    quantization: Any,
+    python: str,
+    engine: str,
 ) -> dict[str, Any]:
-    """golem's config shape (config/golem.json) with this stack's model and addresses."""
+    """golem's config shape (config/golem.json) with this stack's model, addresses, sidecar
+    interpreter and engine."""
     return {
         "listen": listen,
         "logLevel": "info",
         "production": False,
-        "sidecar": {"address": sidecar, "python": sys.executable, "startTimeoutMs": 600000},
+        "sidecar": {"address": sidecar, "python": python, "startTimeoutMs": 600000},
+        "engines": {"default": engine},
         "defaults": {
             "modelName": model,
             "adapterPath": adapter,
@@ -102,20 +110,26 @@ def running_stack(
     workdir: Path,
     max_adapters: int,
     quantization: Any = "auto",
+    python: str | None = None,
+    engine: str = "transformers",
 ) -> Iterator[Stack]:
     """Starts a sidecar for ``model`` (its default adapter resident) and a gateway in front of
-    it; both logs go to ``workdir``. The sidecar's config adds limits the gateway does not know
-    (its schema is strict), so each gets its own file."""
+    it; both logs go to ``workdir``. The sidecar runs on ``python`` (this interpreter unless
+    given: the vLLM engine needs its own venv) and serves every base with ``engine``; it
+    imports golem_sidecar through the PYTHONPATH it inherits (scripts/bench sets it). The
+    sidecar's config adds limits the gateway does not know (its schema is strict), so each
+    gets its own file."""
     workdir.mkdir(parents=True, exist_ok=True)
     sidecar = f"127.0.0.1:{free_port()}"
     gateway = f"127.0.0.1:{free_port()}"
-    config = _config(model, adapter, gateway, sidecar, quantization)
+    interpreter = python or sys.executable
+    config = _config(model, adapter, gateway, sidecar, quantization, interpreter, engine)
     (workdir / "gateway.json").write_text(json.dumps(config))
     config["limits"]["maxAdapters"] = max_adapters
     (workdir / "sidecar.json").write_text(json.dumps(config))
-    python, golem = [sys.executable, "-m", "golem_sidecar"], str(root / "bin" / "golem.js")
+    python_m, golem = [interpreter, "-m", "golem_sidecar"], str(root / "bin" / "golem.js")
     commands = {
-        sidecar: [*python, "--listen", sidecar, "--config", str(workdir / "sidecar.json")],
+        sidecar: [*python_m, "--listen", sidecar, "--config", str(workdir / "sidecar.json")],
         gateway: ["node", golem, "serve", "--config", str(workdir / "gateway.json")],
     }
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
