@@ -174,10 +174,13 @@ lint: setup
 test-py: setup models
 	cd inference_py && GOLEM_REQUIRE_DEFAULT_MODEL=1 ../$(PY) -m pytest -q --ignore=tests/test_vllm_engine.py
 
-# The vLLM engine's tests, in its environment, on the real default model (a vLLM start is about
-# 30 s on 2 cores, so the tests share engines); GOLEM_REQUIRE_VLLM turns a missing vLLM into a failure.
+# The vLLM engine's tests, in its environment: its own on the real default model against the
+# transformers engine of .venv, and the whole bad-input matrix again with every sidecar on vLLM
+# (GOLEM_TEST_ENGINE). A vLLM start is about 30 s on 2 cores, so the tests share engines;
+# GOLEM_REQUIRE_VLLM turns a missing vLLM into a failure.
 test-vllm: setup models $(STAMPS)/vllm-venv
-	cd inference_py && GOLEM_REQUIRE_VLLM=1 ../$(VLLM_PY) -m pytest -q tests/test_vllm_engine.py
+	cd inference_py && GOLEM_REQUIRE_VLLM=1 GOLEM_TEST_ENGINE=vllm ../$(VLLM_PY) -m pytest -q \
+		tests/test_vllm_engine.py tests/test_bad_input_matrix.py
 
 test-js: setup models $(GRPCURL) $(STAMPS)/chromium $(STAMPS)/nginx
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm test --silent

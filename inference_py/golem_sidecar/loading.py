@@ -41,7 +41,7 @@ def _source(model: ModelRef) -> tuple[str, dict[str, Any]]:
     return model.key, {}
 
 
-def _check_no_pickle_only(source: str, security: Security) -> None:
+def check_no_pickle_only(source: str, security: Security) -> None:
     folder = Path(source)
     if security.allow_pickle or kind(folder) != "dir":
         return
@@ -62,7 +62,7 @@ def load_tokenizer(model: ModelRef, security: Security) -> PreTrainedTokenizerBa
             source, trust_remote_code=security.trust_remote_code, **extra
         )
     except Exception as exc:
-        refusal = _load_refusal(model.name, exc, None)
+        refusal = load_refusal(model.name, exc, None)
         if refusal is None:
             raise
         raise refusal from exc
@@ -99,7 +99,7 @@ def _fill_special_tokens_from_gguf(tokenizer: PreTrainedTokenizerBase, gguf_path
 def load_model(model: ModelRef, placement: Placement, security: Security) -> PreTrainedModel:
     """The base model, on the placement's device, in eval mode."""
     source, extra = _source(model)
-    _check_no_pickle_only(source, security)
+    check_no_pickle_only(source, security)
     kwargs: dict[str, Any] = {
         "trust_remote_code": security.trust_remote_code,
         "dtype": placement.torch_dtype,
@@ -116,7 +116,7 @@ def load_model(model: ModelRef, placement: Placement, security: Security) -> Pre
         else:
             loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs, **_4bit(placement))
     except Exception as exc:
-        refusal = _load_refusal(model.name, exc, placement)
+        refusal = load_refusal(model.name, exc, placement)
         if refusal is None:
             raise
         raise refusal from exc
@@ -222,9 +222,7 @@ def memory_footprint_bytes(*models: Any) -> int:
     return total
 
 
-def _load_refusal(
-    model_name: str, exc: Exception, placement: Placement | None
-) -> GolemError | None:
+def load_refusal(model_name: str, exc: Exception, placement: Placement | None) -> GolemError | None:
     """What a failed from_pretrained means to the caller; None for running out of memory, which
     propagates as it is (the servicer answers RESOURCE_EXHAUSTED)."""
     if isinstance(exc, OSError):

@@ -23,7 +23,12 @@ from golem_sidecar.adapters import AdapterFolder, missing_targets
 from golem_sidecar.config import Security, VllmSettings
 from golem_sidecar.errors import failed_precondition
 from golem_sidecar.gate import ModelRef
-from golem_sidecar.loading import load_tokenizer, save_dequantized_gguf
+from golem_sidecar.loading import (
+    check_no_pickle_only,
+    load_refusal,
+    load_tokenizer,
+    save_dequantized_gguf,
+)
 from golem_sidecar.models import ResidentBase, ResidentModels, _incompatible, same_base
 from golem_sidecar.placement import Placement, quantization_failed
 
@@ -93,8 +98,16 @@ class VllmModels(ResidentModels):
     def _load(self, model: ModelRef, placement: Placement) -> ResidentBase:
         _check_placement(placement)
         folder = export_folder(model, self._security, self._cache)
+        # The transformers engine's refusals, with the same reasons: vLLM would say INTERNAL.
+        check_no_pickle_only(str(folder), self._security)
         tokenizer = load_tokenizer(model, self._security)
-        llm = self._engine(folder, placement)
+        try:
+            llm = self._engine(folder, placement)
+        except Exception as exc:
+            refusal = load_refusal(model.name, exc, placement)
+            if refusal is None:
+                raise
+            raise refusal from exc
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         return VllmBase(
             model,

@@ -201,7 +201,9 @@ async def test_fidelity_grade_exam_gives_the_transformers_engine_results(
     )
     ours = [m async for m in vllm.GradeExam(request, timeout=600)]
     theirs = [m async for m in transformers.GradeExam(request, timeout=600)]
-    mine = {(r.item.item_id, r.item.model): r.item for r in ours if r.WhichOneof("result") == "item"}
+    mine = {
+        (r.item.item_id, r.item.model): r.item for r in ours if r.WhichOneof("result") == "item"
+    }
     other = {
         (r.item.item_id, r.item.model): r.item for r in theirs if r.WhichOneof("result") == "item"
     }
