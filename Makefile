@@ -37,10 +37,11 @@ DEMO_ADAPTER := models/adapters/genres/checkpoint-final
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: help setup gen build models run grade test lint lock test-py test-js test-vllm vllm-env validate-deploy bench clean
+.PHONY: help setup gen build models run grade test lint lock test-py test-js test-vllm vllm-env run-vllm validate-deploy bench clean
 
 help:
 	@echo "make run    set up, then serve the embedded default on 127.0.0.1:50051"
+	@echo "make run-vllm  the same on the vLLM engine (builds .venv-vllm first; docs/engines.md)"
 	@echo "make grade  set up, then grade data/exams/genres.jsonl with the base and the demo adapter"
 	@echo "            (grade.html, grade-results.jsonl; runs again resume from the results)"
 	@echo "make test   set up, then lint, type-check and run every test"
@@ -152,6 +153,10 @@ models: $(DEMO_ADAPTER)/adapter_model.safetensors
 
 run: setup models
 	node bin/golem.js serve --config config/golem.json
+
+# The same daemon with every model on the vLLM engine (docs/engines.md), its sidecar in .venv-vllm.
+run-vllm: setup models $(STAMPS)/vllm-venv
+	node bin/golem.js serve --config config/vllm.json
 
 # The demo exam, base against the demo adapter; golem grade starts a daemon for the call when
 # none listens on 127.0.0.1:50051 (or uses the one make run started).

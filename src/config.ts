@@ -70,10 +70,11 @@ const vllmSchema = z.strictObject({
   kvCacheGiB: atLeast(1).default(1),
   // The share of each GPU's memory vLLM may take (CUDA only).
   gpuMemoryUtilization: z.number().positive({ error: aShare }).max(1, { error: aShare }).default(0.9),
-  // The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it.
+  // The largest LoRA rank an adapter may have; vLLM sizes its adapter slots by it, and every
+  // step pays for the whole slot (the sidecar's VllmSettings says how much).
   maxLoraRank: z
     .literal(VLLM_LORA_RANKS, { error: (issue) => `must be one of ${VLLM_LORA_RANKS.join(', ')}, got ${got(issue)}` })
-    .default(64),
+    .default(16),
   // Context length; 0: the model's own.
   maxModelLen: atLeast(0).default(0),
   tensorParallelSize: atLeast(1).default(1),

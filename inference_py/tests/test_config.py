@@ -176,7 +176,7 @@ def test_engines_and_vllm_default_to_transformers_and_vllms_own_settings() -> No
     assert config.vllm == VllmSettings(
         kv_cache_gib=1,
         gpu_memory_utilization=0.9,
-        max_lora_rank=64,
+        max_lora_rank=16,
         max_model_len=0,
         tensor_parallel_size=1,
         pipeline_parallel_size=1,

@@ -39,8 +39,10 @@ CONFIG = load_config(str(REPO / "config" / "golem.json"), None, "127.0.0.1:0")
 MODEL = REPO / CONFIG.defaults.model_name
 ADAPTER = REPO / CONFIG.defaults.adapter_path
 DEVICE = os.environ.get("GOLEM_TEST_DEVICE", "cpu")
-# The main environment's Python, where the transformers engine runs as shipped.
-MAIN_PYTHON = REPO / ".venv" / "bin" / "python"
+# The main environment's Python, where the transformers engine runs as shipped, and its device:
+# scripts/gpu_check.sh keeps the reference on the CPU (.venv's torch is the CPU build).
+MAIN_PYTHON = Path(os.environ.get("GOLEM_REFERENCE_PYTHON", REPO / ".venv" / "bin" / "python"))
+REFERENCE_DEVICE = os.environ.get("GOLEM_REFERENCE_DEVICE", DEVICE)
 
 _missing = [
     what
@@ -82,7 +84,7 @@ async def transformers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     """golem's transformers engine as `make run` serves it: `python -m golem_sidecar` of the main
     environment on golem.json, with the default model and adapter at their absolute paths."""
     raw = json.loads((REPO / "config" / "golem.json").read_text())
-    raw["defaults"].update(modelName=str(MODEL), adapterPath=str(ADAPTER), device=DEVICE)
+    raw["defaults"].update(modelName=str(MODEL), adapterPath=str(ADAPTER), device=REFERENCE_DEVICE)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -284,3 +286,23 @@ def test_the_transformers_engine_is_refused_at_start_in_this_environment() -> No
         check_environment(EngineChoice())
     with pytest.raises(ConfigError, match=r'^engines\.models\["m"\]: the transformers engine'):
         check_environment(EngineChoice(default="vllm", models=(("m", "transformers"),)))
+
+
+async def test_an_adapter_above_the_rank_limit_is_refused_naming_it(
+    vllm: Stub, tmp_path: Path
+) -> None:
+    """Every decode step pays for vllm.maxLoraRank (16 by default): a larger rank is refused,
+    not served slowly for everyone."""
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    config = json.loads((ADAPTER / "adapter_config.json").read_text())
+    config.update(r=32)
+    (wide / "adapter_config.json").write_text(json.dumps(config))
+    for weights in ADAPTER.glob("*.safetensors"):
+        (wide / weights.name).write_bytes(weights.read_bytes())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await vllm.TakeExam(R(prompt=SEED_PROMPT, adapter_path=str(wide)))
+    got = failure(info.value)
+    assert (got.code, got.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER_INCOMPATIBLE")
+    assert "vllm.maxLoraRank (16)" in got.message
+    assert (await vllm.TakeExam(R(prompt=SEED_PROMPT))).answer == " Fantasy"

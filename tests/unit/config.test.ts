@@ -78,7 +78,7 @@ describe('loadConfig', () => {
     expect(config.vllm).toEqual({
       kvCacheGiB: 1,
       gpuMemoryUtilization: 0.9,
-      maxLoraRank: 64,
+      maxLoraRank: 16,
       maxModelLen: 0,
       tensorParallelSize: 1,
       pipelineParallelSize: 1,
