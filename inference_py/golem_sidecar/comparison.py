@@ -118,6 +118,27 @@ def run_comparison(
 ) -> list[list[ComparedAnswer]]:
     """Answers, then scores; runs on the model thread, in passes no larger than one batch."""
     names = _attach(models, base, spec)
+    labels, table = answer_table(base, spec, names, cancelled, check_context)
+    rows = [answer.row for answers in table for answer in answers]
+    for lane, members in group_by_lane(rows, lambda row: row.adapter, base.lane):
+        for group in split_passes(members, lambda row: row.width, max_batch, max_tokens):
+            if cancelled.is_set():
+                raise caller_gone()
+            decode_batch(lane, base.tokenizer, group, base.input_device)
+    _score(base, table, labels, names, max_batch, max_tokens, cancelled)
+    return table
+
+
+def answer_table(
+    base: ResidentBase,
+    spec: CompareSpec,
+    names: list[str | None],
+    cancelled: threading.Event,
+    check_context: Callable[[ResidentBase, int, int], None],
+) -> tuple[list[str], list[list[ComparedAnswer]]]:
+    """The model labels, and one row to decode per prompt and model (each prompt checked against
+    the context first), in either engine: ``names`` holds each model's adapter name, None first
+    for the bare base."""
     labels = [BASE_ADAPTER, *(m.label for m in spec.models)]
     table = []
     for prompt in spec.prompts:
@@ -129,14 +150,7 @@ def run_comparison(
                 for label, name in zip(labels, names, strict=True)
             ]
         )
-    rows = [answer.row for answers in table for answer in answers]
-    for lane, members in group_by_lane(rows, lambda row: row.adapter, base.lane):
-        for group in split_passes(members, lambda row: row.width, max_batch, max_tokens):
-            if cancelled.is_set():
-                raise caller_gone()
-            decode_batch(lane, base.tokenizer, group, base.input_device)
-    _score(base, table, labels, names, max_batch, max_tokens, cancelled)
-    return table
+    return labels, table
 
 
 def _attach(models: ResidentModels, base: ResidentBase, spec: CompareSpec) -> list[str | None]:

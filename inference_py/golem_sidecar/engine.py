@@ -41,7 +41,7 @@ from golem_sidecar.models import (
 )
 from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
-from golem_sidecar.scoring import Loglikelihood, loglikelihoods
+from golem_sidecar.scoring import Loglikelihood, ScoreItem, loglikelihoods
 from golem_sidecar.session import ExamResult, Session, check_context
 
 # A (context, continuation) pair to score under one model of a GradeExam.
@@ -215,36 +215,20 @@ class ExamEngine:
     async def load_adapter(self, spec: LoadSpec) -> tuple[ResidentBase, str, int]:
         """Attaches an adapter under a name (on the model thread, between batches)."""
 
-        def load() -> tuple[ResidentBase, str, int]:
-            base, base_ns = self._models.base(spec.model, spec.placement)
-            attached, load_ns = self._models.adapter(base, spec.folder, name=spec.name)
-            return base, attached, base_ns + load_ns
-
-        result: tuple[ResidentBase, str, int] = await self._on_worker(load)
+        result: tuple[ResidentBase, str, int] = await self._on_worker(
+            self._models.load_named, spec.model, spec.placement, spec.folder, spec.name
+        )
         self._prune_queues()
         return result
 
     async def unload_adapter(self, spec: UnloadSpec) -> None:
         """Detaches a named adapter once the batch running now (if any) has finished."""
-        key = BaseKey(spec.model.key, spec.placement)
-
-        def unload() -> None:
-            base = self._models.find(key)
-            if base is None:
-                raise self._models.not_loaded(spec.name, spec.model.name, "name")
-            self._models.unload(base, spec.name)
-
-        await self._on_worker(unload)
+        await self._on_worker(self._models.unload_named, spec.model, spec.placement, spec.name)
 
     async def list_adapters(self) -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
-        def listing() -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
-            return [
-                (base, name, folder, base.uses[name])
-                for base in self._models.resident()
-                for name, folder in base.adapters.items()
-            ]
-
-        result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(listing)
+        result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(
+            self._models.listing
+        )
         return result
 
     async def list_models(self) -> list[tuple[ResidentBase, int]]:
@@ -301,13 +285,9 @@ class ExamEngine:
         """The folder of an adapter registered under ``name`` (LoadAdapter); NOT_FOUND naming
         "adapters" when it is not, or its base is not resident. Loads nothing."""
 
-        def lookup() -> AdapterFolder:
-            base = self._models.find(BaseKey(model.key, placement))
-            if base is None:
-                raise self._models.not_loaded(name, model.name, "adapters")
-            return base.adapters[self._models.named(base, name, "adapters")]
-
-        folder: AdapterFolder = await self._on_worker(lookup)
+        folder: AdapterFolder = await self._on_worker(
+            self._models.registered, model, placement, name
+        )
         return folder
 
     async def loglikelihoods(
@@ -323,15 +303,7 @@ class ExamEngine:
 
         def scoring() -> list[Loglikelihood]:
             base, _ = self._models.base(model, placement)
-            adapters = self._worn(base, [graded for _, _, graded in pairs])
-            items = []
-            for context, continuation, graded in pairs:
-                try:
-                    item = pair_item(base.tokenizer, context, continuation, adapters[graded])
-                except ValueError as error:
-                    raise invalid_argument("answer", str(error)) from None
-                check_context(base, item.width, 0)
-                items.append(item)
+            items = pair_items(base, pairs, self._worn(base, [graded for _, _, graded in pairs]))
             limits = (self._limits.max_batch_size, self._max_tokens)
             return loglikelihoods(
                 base.lane, items, pad_id(base.tokenizer), base.input_device, limits, cancelled
@@ -386,6 +358,23 @@ class ExamEngine:
         if acquired:
             self._running.release()
         return bool(acquired)
+
+
+def pair_items(
+    base: ResidentBase, pairs: list[Pair], worn: dict[GradedModel, str | None]
+) -> list[ScoreItem]:
+    """GradeExam's (context, continuation) pairs as items to score, each under the adapter its
+    model wears (``worn``), refused as the request's answer field when a continuation has no
+    tokens and as PROMPT_TOO_LONG when it does not fit the context, in either engine."""
+    items = []
+    for context, continuation, graded in pairs:
+        try:
+            item = pair_item(base.tokenizer, context, continuation, worn[graded])
+        except ValueError as error:
+            raise invalid_argument("answer", str(error)) from None
+        check_context(base, item.width, 0)
+        items.append(item)
+    return items
 
 
 def resident_adapters(bases: list[ResidentBase]) -> list[ResidentAdapter]:

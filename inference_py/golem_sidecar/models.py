@@ -261,6 +261,39 @@ class ResidentModels:
             f'no adapter named "{name}" is loaded on "{model_name}" (LoadAdapter first)',
         )
 
+    def load_named(
+        self, model: ModelRef, placement: Placement, folder: AdapterFolder, name: str
+    ) -> tuple[ResidentBase, str, int]:
+        """LoadAdapter: the base (loaded if needed), the adapter attached under ``name``, and
+        the nanoseconds both loads took."""
+        base, base_ns = self.base(model, placement)
+        attached, load_ns = self.adapter(base, folder, name=name)
+        return base, attached, base_ns + load_ns
+
+    def unload_named(self, model: ModelRef, placement: Placement, name: str) -> ResidentBase:
+        """UnloadAdapter: NOT_FOUND when the base or the name is not resident; the base."""
+        base = self.find(BaseKey(model.key, placement))
+        if base is None:
+            raise self.not_loaded(name, model.name, "name")
+        self.unload(base, name)
+        return base
+
+    def listing(self) -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
+        """ListAdapters: every resident adapter with its base, name, folder and uses."""
+        return [
+            (base, name, folder, base.uses[name])
+            for base in self.resident()
+            for name, folder in base.adapters.items()
+        ]
+
+    def registered(self, model: ModelRef, placement: Placement, name: str) -> AdapterFolder:
+        """The folder of an adapter registered under ``name``; NOT_FOUND naming "adapters" when
+        it is not, or its base is not resident. Loads nothing."""
+        base = self.find(BaseKey(model.key, placement))
+        if base is None:
+            raise self.not_loaded(name, model.name, "adapters")
+        return base.adapters[self.named(base, name, "adapters")]
+
     def find(self, key: BaseKey) -> ResidentBase | None:
         """The resident base for a key, without loading anything."""
         return self._bases.get(key)

@@ -24,7 +24,7 @@ from typing import Any
 
 from golem_sidecar.adapters import AdapterFolder
 from golem_sidecar.batching import overloaded
-from golem_sidecar.comparison import ComparedAnswer, CompareSpec, score_plan
+from golem_sidecar.comparison import ComparedAnswer, CompareSpec, answer_table, score_plan
 from golem_sidecar.config import SidecarConfig
 from golem_sidecar.decoding import (
     FINISH_CANCELLED,
@@ -33,13 +33,11 @@ from golem_sidecar.decoding import (
     FINISH_STOP,
     Row,
 )
-from golem_sidecar.engine import Pair, default_adapter, resident_adapters
+from golem_sidecar.engine import Pair, default_adapter, pair_items, resident_adapters
 from golem_sidecar.errors import caller_gone, invalid_argument
 from golem_sidecar.exam import ExamSpec
 from golem_sidecar.gate import ModelRef, resolve_model
 from golem_sidecar.grade_spec import GradedModel
-from golem_sidecar.lanes import BASE_ADAPTER
-from golem_sidecar.loglikelihood import pair_item
 from golem_sidecar.metrics import (
     ARRIVAL,
     EngineLoad,
@@ -215,17 +213,7 @@ class VllmEngine:
                     reason="DUPLICATE_ADAPTER",
                 )
             names.append(name)
-        labels = [BASE_ADAPTER, *(m.label for m in spec.models)]
-        table = []
-        for prompt in spec.prompts:
-            prompt_ids = list(base.tokenizer(prompt)["input_ids"])
-            check_context(base, len(prompt_ids), spec.max_new_tokens)
-            table.append(
-                [
-                    ComparedAnswer(label, Row(prompt_ids, name, spec.max_new_tokens, cancelled))
-                    for label, name in zip(labels, names, strict=True)
-                ]
-            )
+        labels, table = answer_table(base, spec, names, cancelled, check_context)
         rows = [answer.row for answers in table for answer in answers]
         with self._slot(base):
             await asyncio.gather(*(_drain(self._generate(base, row)) for row in rows))
@@ -252,15 +240,7 @@ class VllmEngine:
             worn[graded] = await self._adapter_of(
                 base, graded.folder, graded.registered, "adapters"
             )
-        items = []
-        for context, continuation, graded in pairs:
-            try:
-                item = pair_item(base.tokenizer, context, continuation, worn[graded])
-            except ValueError as error:
-                raise invalid_argument("answer", str(error)) from None
-            check_context(base, item.width, 0)
-            items.append(item)
-        return await self._score(base, items, cancelled)
+        return await self._score(base, pair_items(base, pairs, worn), cancelled)
 
     async def _score(
         self, base: VllmBase, items: list[ScoreItem], cancelled: threading.Event
@@ -315,38 +295,24 @@ class VllmEngine:
     # ---- adapters and models
 
     async def load_adapter(self, spec: LoadSpec) -> tuple[ResidentBase, str, int]:
-        def load() -> tuple[ResidentBase, str, int]:
-            base, base_ns = self._models.base(spec.model, spec.placement)
-            attached, load_ns = self._models.adapter(base, spec.folder, name=spec.name)
-            return base, attached, base_ns + load_ns
-
-        base, attached, elapsed = await self._on_worker(load)
+        base, attached, elapsed = await self._on_worker(
+            self._models.load_named, spec.model, spec.placement, spec.folder, spec.name
+        )
         started = time.perf_counter_ns()
         await self._sync_loras(base)
         return base, attached, elapsed + time.perf_counter_ns() - started
 
     async def unload_adapter(self, spec: UnloadSpec) -> None:
-        key = BaseKey(spec.model.key, spec.placement)
-
-        def unload() -> VllmBase:
-            base = self._models.find(key)
-            if base is None:
-                raise self._models.not_loaded(spec.name, spec.model.name, "name")
-            self._models.unload(base, spec.name)
-            assert isinstance(base, VllmBase)
-            return base
-
-        await self._sync_loras(await self._on_worker(unload))
+        base = await self._on_worker(
+            self._models.unload_named, spec.model, spec.placement, spec.name
+        )
+        assert isinstance(base, VllmBase)
+        await self._sync_loras(base)
 
     async def list_adapters(self) -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
-        def listing() -> list[tuple[ResidentBase, str, AdapterFolder, int]]:
-            return [
-                (base, name, folder, base.uses[name])
-                for base in self._models.resident()
-                for name, folder in base.adapters.items()
-            ]
-
-        result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(listing)
+        result: list[tuple[ResidentBase, str, AdapterFolder, int]] = await self._on_worker(
+            self._models.listing
+        )
         return result
 
     async def list_models(self) -> list[tuple[ResidentBase, int]]:
@@ -359,13 +325,9 @@ class VllmEngine:
     async def registered_folder(
         self, model: ModelRef, placement: Placement, name: str
     ) -> AdapterFolder:
-        def lookup() -> AdapterFolder:
-            base = self._models.find(BaseKey(model.key, placement))
-            if base is None:
-                raise self._models.not_loaded(name, model.name, "adapters")
-            return base.adapters[self._models.named(base, name, "adapters")]
-
-        folder: AdapterFolder = await self._on_worker(lookup)
+        folder: AdapterFolder = await self._on_worker(
+            self._models.registered, model, placement, name
+        )
         return folder
 
     def load(self) -> EngineLoad:
