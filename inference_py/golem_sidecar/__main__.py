@@ -23,7 +23,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from golem_sidecar.config import ConfigError, SidecarConfig, load_config
-from golem_sidecar.engines import check_environment
+from golem_sidecar.environment import check_environment
 from golem_sidecar.errors import GolemError
 from golem_sidecar.logs import configure_logging, keep_stderr_from_failing
 

@@ -278,7 +278,7 @@ def test_engine_for_prefers_the_exact_name_to_a_path_match(
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_an_engine_this_python_cannot_run_is_refused_at_start_naming_the_key() -> None:
-    from golem_sidecar.engines import check_environment
+    from golem_sidecar.environment import check_environment
 
     check_environment(EngineChoice())
     with pytest.raises(

@@ -277,9 +277,9 @@ async def test_a_non_lora_adapter_is_refused_by_name(vllm: Stub, tmp_path: Path)
 
 def test_the_transformers_engine_is_refused_at_start_in_this_environment() -> None:
     """This environment holds the transformers vLLM pins, on which golem's batched decoding is
-    wrong (engines.TRANSFORMERS_ENGINE_MIN): a config that would use it here does not start."""
+    wrong (environment.TRANSFORMERS_ENGINE_MIN): a config that would use it here does not start."""
     from golem_sidecar.config import ConfigError
-    from golem_sidecar.engines import check_environment
+    from golem_sidecar.environment import check_environment
 
     check_environment(EngineChoice(default="vllm"))
     with pytest.raises(ConfigError, match=r"^engines\.default: the transformers engine needs"):
