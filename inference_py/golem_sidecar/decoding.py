@@ -76,7 +76,12 @@ class Row:
 
 def eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The ids that end an answer: the model's generation config, else the tokenizer's eos."""
-    configured = model.generation_config.eos_token_id
+    return end_ids(model.generation_config.eos_token_id, tokenizer)
+
+
+def end_ids(configured: int | list[int] | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """eos_ids' rule on a configured ``eos_token_id`` (one id, a list, or None), for an engine
+    that reads the generation config from disk instead of from a loaded model."""
     if configured is None:
         configured = tokenizer.eos_token_id
     if configured is None:

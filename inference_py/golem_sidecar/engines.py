@@ -41,10 +41,6 @@ class Engines:
     def engine_for(self, model: ModelRef) -> Any:
         return self._engines[self._config.engines.engine_for(model.name, model.key)]
 
-    def kind_of(self, model: ModelRef) -> str:
-        """The engine a model is served by, as the config names it."""
-        return self._config.engines.engine_for(model.name, model.key)
-
     def is_resident(self, model_key: str) -> bool:
         return any(engine.is_resident(model_key) for engine in self._engines.values())
 

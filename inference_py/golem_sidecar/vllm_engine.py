@@ -45,7 +45,7 @@ from golem_sidecar.metrics import (
     SidecarMetrics,
     placement_label,
 )
-from golem_sidecar.models import BaseKey, ResidentBase
+from golem_sidecar.models import BaseKey, ResidentBase, _incompatible
 from golem_sidecar.placement import Placement, default_placement
 from golem_sidecar.registry import LoadSpec, UnloadSpec
 from golem_sidecar.sampling import SamplingParams
@@ -108,19 +108,25 @@ class VllmEngine:
                 except Exception as exc:
                     base.to_add.pop(0)
                     await self._on_worker(self._models.unload, base, name)
-                    from golem_sidecar.models import _incompatible
-
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                     raise _incompatible(folder, base, f"vLLM could not load it: {first}") from exc
                 base.to_add.pop(0)
 
     async def _adapter_of(
-        self, base: VllmBase, folder: AdapterFolder | None, registered: str | None, field: str
+        self,
+        base: VllmBase,
+        folder: AdapterFolder | None,
+        registered: str | None,
+        field: str,
+        pinned: set[str] | None = None,
     ) -> str | None:
-        """The adapter name a request wears (None: the bare base), attached if given by folder."""
-        pinned: set[str] = set()
+        """The adapter name a request wears (None: the bare base), attached if given by folder
+        without evicting ``pinned`` (the other adapters of the same call), which it joins."""
+        pinned = set() if pinned is None else pinned
         name = await self._on_worker(self._models.wear, base, folder, registered, pinned, field)
         await self._sync_loras(base)
+        if name is not None:
+            pinned.add(name)
         return name
 
     def _lora(self, base: VllmBase, name: str | None) -> Any:
@@ -201,11 +207,14 @@ class VllmEngine:
         self, spec: CompareSpec, cancelled: threading.Event
     ) -> list[list[ComparedAnswer]]:
         """Base and adapters on the same prompts, all at once in vLLM's scheduler, then every
-        answer scored under every model (comparison.score_plan) from prompt log-probabilities."""
+        answer scored under every model (comparison.score_plan, by _score)."""
         base, _ = await self._base(spec.model, spec.placement)
         names: list[str | None] = [None]
+        pinned: set[str] = set()
         for compared in spec.models:
-            name = await self._adapter_of(base, compared.folder, compared.registered, "adapters")
+            name = await self._adapter_of(
+                base, compared.folder, compared.registered, "adapters", pinned
+            )
             if name in names:
                 raise invalid_argument(
                     "adapters",
@@ -233,12 +242,13 @@ class VllmEngine:
         cancelled: threading.Event,
     ) -> list[Loglikelihood]:
         """Each pair's continuation scored after its context (loglikelihood.py's definition),
-        from vLLM's prompt log-probabilities."""
+        by _score's decode steps."""
         base, _ = await self._base(model, placement)
         worn: dict[GradedModel, str | None] = {}
+        pinned: set[str] = set()
         for graded in dict.fromkeys(graded for _, _, graded in pairs):
             worn[graded] = await self._adapter_of(
-                base, graded.folder, graded.registered, "adapters"
+                base, graded.folder, graded.registered, "adapters", pinned
             )
         return await self._score(base, pair_items(base, pairs, worn), cancelled)
 
@@ -394,7 +404,8 @@ def _sampling(row: Row, output_kind: Any) -> Any:
         max_tokens=row.max_new_tokens,
         temperature=0.0 if params.greedy else params.temperature,
         top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else 0,
+        # 0 means every token in both (exam.py refuses a negative top_k).
+        top_k=params.top_k,
         seed=params.seed,
         repetition_penalty=params.repetition_penalty,
         stop=list(row.stop) or None,

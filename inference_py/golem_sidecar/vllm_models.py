@@ -21,6 +21,7 @@ from typing import Any
 
 from golem_sidecar.adapters import AdapterFolder, missing_targets
 from golem_sidecar.config import Security, VllmSettings
+from golem_sidecar.decoding import end_ids
 from golem_sidecar.errors import failed_precondition
 from golem_sidecar.gate import ModelRef
 from golem_sidecar.loading import (
@@ -91,7 +92,6 @@ class VllmModels(ResidentModels):
     ) -> None:
         super().__init__(security, max_adapters, max_models)
         self._settings = settings
-        self._max_adapters_held = max_adapters
         self._cache = cache_dir or default_cache_dir()
         self._lora_ids = itertools.count(1)
 
@@ -134,7 +134,7 @@ class VllmModels(ResidentModels):
             # Safetensors only, as everywhere in golem.
             load_format="safetensors",
             enable_lora=True,
-            max_loras=self._max_adapters_held,
+            max_loras=self._max_adapters,
             max_lora_rank=settings.max_lora_rank,
             max_model_len=settings.max_model_len or None,
             tensor_parallel_size=settings.tensor_parallel_size,
@@ -287,14 +287,8 @@ def _eos_ids(folder: Path, tokenizer: Any) -> set[int]:
     """The ids that end an answer, as decoding.eos_ids reads them: the generation config's,
     else the tokenizer's eos."""
     config = folder / "generation_config.json"
-    configured = None
-    if config.is_file():
-        configured = json.loads(config.read_text()).get("eos_token_id")
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    if configured is None:
-        return set()
-    return {int(i) for i in configured} if isinstance(configured, list) else {int(configured)}
+    configured = json.loads(config.read_text()).get("eos_token_id") if config.is_file() else None
+    return end_ids(configured, tokenizer)
 
 
 def _lora_rank(folder: AdapterFolder) -> int:
